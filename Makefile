@@ -1,0 +1,23 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs every check.
+# Each creates the virtual environment .venv on first use (pinned versions from settings.ini)
+# and reuses it afterwards; it is rebuilt when settings.ini or setup.py change.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean-runs
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m afd_nb.demo
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/check.sh
