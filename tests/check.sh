@@ -7,6 +7,7 @@ dirty() { { git diff -- nbs afd_nb experiments; git status --porcelain -- nbs af
 before=$(dirty)
 echo "== 1/4 notebooks are clean (nbdev_clean leaves no diff)"
 nbdev_clean
+[ -d experiments ] && nbdev_clean --fname experiments
 if [ "$(dirty)" != "$before" ]; then
   echo "FAIL: nbdev_clean changed notebooks; run 'nbdev_clean' and commit:"; git status --porcelain -- nbs experiments; exit 1
 fi
@@ -17,7 +18,7 @@ if [ "$(dirty)" != "$before" ]; then
 fi
 echo "== 3/4 nbdev_test runs every library notebook"
 start=$SECONDS
-nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing  # 2 notebooks at a time, 1 thread each
 echo "   (notebooks took $((SECONDS-start)) s)"
 echo "== 4/4 pytest tests/"
 python -m pytest tests -q -rs --durations=15 "$@"
