@@ -17,7 +17,7 @@ $(STAMP): settings.ini setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m afd_nb.demo
+	$(BIN)/afd-sweep configs/demo.yaml
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/check.sh
