@@ -19,6 +19,7 @@ from .attacks import pgd, accuracy, robust_accuracy
 from .gap import GapTracker
 from .disentangle import Disentangled, fold
 from .losses import afd_losses, teacher_features
+from .distributed import setup_distributed
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'UPDATE_RULES', 'METHODS', 'DATASETS', 'CKPT_FORMAT', 'lr_at_epoch', 'ema_decay', 'ModelEMA',
@@ -599,8 +600,9 @@ def _checkpoint(run: Run, cfg: TrainConfig, history: list, sums: dict, train_tim
 
 
 def export_model(model: nn.Module, path, cfg: TrainConfig, student: nn.Module) -> nn.Module:
-    "Save `model` (D1 folded if disentangled) as a plain state dict with arch/num_classes/options; returns the plain model."
+    "Save `model` (D1 folded if disentangled) as a plain state dict with arch/num_classes/options (path None: don't); returns the plain model."
     plain = (fold(model) if isinstance(model, Disentangled) else copy.deepcopy(model)).eval()
+    if path is None: return plain
     atomic_save(dict(state_dict={k: v.detach().cpu() for k, v in plain.state_dict().items()}, arch=getattr(student, 'arch', cfg.arch),
                      num_classes=plain.classifier.out_features, options=dict(getattr(student, 'options', cfg.model_options)),
                      method=cfg.method, update_rule=cfg.update_rule, ema=bool(cfg.ema), epochs=cfg.epochs, config=asdict(cfg)), path)
@@ -622,8 +624,11 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
     "Fine-tune with `cfg.method`, resuming from out_dir/ckpt_last.pt if present; returns models, history and paths."
     cfg = (TrainConfig(**cfg) if isinstance(cfg, dict) else cfg).resolved().validate()
     method, out = METHODS[cfg.method], Path(cfg.out_dir)
-    ck = _prepare(out, cfg, fresh)                                    # checkpoint to resume from, or None
-    dev = _device(cfg.device)
+    dd = setup_distributed(_device(cfg.device))                      # under torchrun: rank, world size, this rank's device
+    dev, progress = dd.device, progress and dd.is_main                # (one process: every dd.* call below is a no-op)
+    ck = _prepare(out, cfg, fresh) if dd.is_main else None            # checkpoint to resume from, or None (rank 0 checks)
+    dd.barrier()
+    if not dd.is_main and not fresh: ck = load_last_checkpoint(out)   # other ranks resume from what rank 0 validated
     if ck is None: random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
     with _torch_settings(cfg, dev):
         # --- data
@@ -633,7 +638,7 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
         if eval_ds is None and cfg.n_eval:
             eval_ds = get_dataset(cfg.dataset, 'test', flavour=cfg.flavour, root=cfg.data_root, download=cfg.download, n=cfg.n_eval)
         loader = BatchLoader(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, drop_last=cfg.drop_last,
-                             device=dev, pin_memory=dev.type == 'cuda')
+                             device=dev, pin_memory=dev.type == 'cuda', rank=dd.rank, world_size=dd.world_size)
         xe, ye = eval_ds.tensors(dev) if eval_ds is not None and cfg.n_eval else (torch.zeros(0, device=dev), None)
         xe, ye = xe[:cfg.n_eval], (ye[:cfg.n_eval] if ye is not None else None)
         n_gap = len(xe) if cfg.n_gap is None else min(cfg.n_gap, len(xe))
@@ -643,7 +648,8 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
         teacher = _teacher(student, teacher).to(dev) if method.needs_teacher else None
         net = (Disentangled(student) if method.disentangle else student).to(dev)
         if cfg.channels_last: net.to(memory_format=torch.channels_last)
-        run = Run(cfg, net, teacher, method.optimizers(net, cfg), ModelEMA(net) if cfg.ema else None,
+        dd.prepare(net)                                                # several processes: global-batch BN, rank 0's weights
+        run = Run(cfg, net, teacher, dd.sync_optimizers(method.optimizers(net, cfg)), ModelEMA(net) if cfg.ema else None,
                   amp_dtype=torch.bfloat16 if cfg.amp else None)
         history, sums, train_time = [], {}, 0.0
         if ck is not None:                                             # resume: restore everything
@@ -654,16 +660,16 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
             run.epoch, run.batch, run.step = ck['epoch'], ck['batch'], ck['step']
             history, sums, train_time = list(ck['history']), dict(ck['sums']), ck['train_time']
             run.last_ckpt = f"{ck['path']} (after step {ck['step']})"
-            _write_metrics(out, history)                               # in case the last write was lost
+            if dd.is_main: _write_metrics(out, history)                # in case the last write was lost
             if progress: print(f"resuming {out} from {Path(ck['path']).name}: epoch {run.epoch + 1}, batch {run.batch}, step {run.step}")
         if cfg.compile: net.compile()
-        atomic_write_text(out / 'config.json', json.dumps(asdict(cfg), indent=1))
+        if dd.is_main: atomic_write_text(out / 'config.json', json.dumps(asdict(cfg), indent=1))
         eval_net = run.ema.module if run.ema is not None else net
         if ck is None and cfg.eval_at_start:                           # epoch 0: the starting model
             t0 = time.time()
             history.append(dict(epoch=0, step=0, lr=None, **evaluate_epoch(eval_net, xe, ye, cfg, tracker),
                                 eval_model='ema' if run.ema is not None else 'raw', eval_time=time.time() - t0))
-            _write_metrics(out, history)
+            if dd.is_main: _write_metrics(out, history)
             if progress: _print_row(history[-1], cfg)
         weights = method.weights(cfg)
         start_epoch = run.epoch + 1
@@ -678,21 +684,22 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
                 if i < run.batch: continue                             # resumed mid-epoch: this batch is done
                 if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
                 run.gen = _step_generator(cfg.seed, run.step, dev)
+                n_batch = dd.begin_step(x, run.gen)                    # global batch size; run.gen moved to this rank's slice
                 run.stats = {}
                 net.train()
                 x_in = method.attack(run, x, y)                        # 1. training attack (PGD against the current model)
                 with _autocast(run):
                     terms = method.losses(run, x_in, x, y)             # 2. forward + unweighted loss terms
-                vals = _finite(run, terms)                             #    NaN/inf -> NonFiniteLossError (before any update)
+                vals = _finite(run, dd.mean_terms(terms))              #    NaN/inf -> NonFiniteLossError (before any update)
                 method.update(run, terms)                              # 3. backward + optimizer step(s): the update rule
                 if run.ema is not None: run.ema.update(net)            # 4. weight EMA (parameters and BN buffers)
                 vals['loss'] = sum(w * vals[k] for k, w in weights.items())   # 5. log
                 vals.update({k: float(v) for k, v in run.stats.items()})
                 for k, v in vals.items(): sums[k] = sums.get(k, 0.0) + v
-                sums['_n'] = sums.get('_n', 0) + 1; sums['_images'] = sums.get('_images', 0) + len(x)
+                sums['_n'] = sums.get('_n', 0) + 1; sums['_images'] = sums.get('_images', 0) + n_batch
                 run.batch, run.step = run.batch + 1, run.step + 1
                 bar.update(); bar.set_postfix(loss=f"{vals['loss']:.3f}")
-                if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and run.batch < len(loader):
+                if cfg.ckpt_every_steps and run.step % cfg.ckpt_every_steps == 0 and run.batch < len(loader) and dd.is_main:
                     path = save_checkpoint(_checkpoint(run, cfg, history, sums, train_time + time.time() - t0, epoch - 1), out)
                     run.last_ckpt = f'{path} (after step {run.step})'
             bar.close()
@@ -708,13 +715,16 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
             row['eval_time'] = time.time() - t1
             history.append(row)
             run.batch, sums, train_time = 0, {}, 0.0
-            path = save_checkpoint(_checkpoint(run, cfg, history, sums, 0.0, epoch), out)
-            run.last_ckpt = f'{path} (after step {run.step})'
-            if cfg.keep_epoch_ckpts:
-                atomic_save(dict(epoch=epoch, model=net.state_dict(), ema=None if run.ema is None else run.ema.module.state_dict()), out / f'epoch_{epoch:03d}.pt')
-            _write_metrics(out, history)
+            if dd.is_main:                                             # only rank 0 writes
+                path = save_checkpoint(_checkpoint(run, cfg, history, sums, 0.0, epoch), out)
+                run.last_ckpt = f'{path} (after step {run.step})'
+                if cfg.keep_epoch_ckpts:
+                    atomic_save(dict(epoch=epoch, model=net.state_dict(), ema=None if run.ema is None else run.ema.module.state_dict()), out / f'epoch_{epoch:03d}.pt')
+                _write_metrics(out, history)
             if progress: _print_row(row, cfg)
-        final = export_model(eval_net, out / 'model_final.pt', cfg, student)
+        dd.finish(net, eval_net)                                       # plain BatchNorm again in the returned models
+        final = export_model(eval_net, out / 'model_final.pt' if dd.is_main else None, cfg, student)
+        dd.barrier()                                                   # every rank returns after rank 0 has written
     return dict(model=final, net=net, ema=run.ema, teacher=teacher, history=history, out_dir=out, config=cfg)
 
 
