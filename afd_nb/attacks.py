@@ -64,23 +64,28 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device('cpu')
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, # classifier on [0,1] images
-             x: torch.Tensor,  # images in [0,1]
-             y: torch.Tensor,  # labels
-             batch_size: int = 256, # evaluation batch size
-            ) -> float:
-    "Fraction of `x` classified correctly (eval mode, no grad)."
+def _fraction_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, attack=None) -> float:
+    "Fraction of `x` classified correctly, after `attack(xb, yb)` if given (eval mode; modes restored)."
     modes, dev = _modes(model), _device(model)
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=dev)
     try:
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size].to(dev, non_blocking=True), y[i:i + batch_size].to(dev, non_blocking=True)
-            correct += (model(xb).argmax(1) == yb).sum()
+            if attack is not None: xb = attack(xb, yb)
+            with torch.no_grad(): correct += (model(xb).argmax(1) == yb).sum()
     finally:
         _restore(model, modes)
     return correct.item() / max(len(x), 1)
+
+
+def accuracy(model: nn.Module, # classifier on [0,1] images
+             x: torch.Tensor,  # images in [0,1]
+             y: torch.Tensor,  # labels
+             batch_size: int = 256, # evaluation batch size
+            ) -> float:
+    "Fraction of `x` classified correctly (eval mode, no grad)."
+    return _fraction_correct(model, x, y, batch_size)
 
 
 def robust_accuracy(model: nn.Module, # classifier on [0,1] images
@@ -90,14 +95,4 @@ def robust_accuracy(model: nn.Module, # classifier on [0,1] images
                     **pgd_kwargs,     # passed to `pgd` (eps, step_size, steps, random_start, generator, amp_dtype)
                    ) -> float:
     "Fraction of `x` still classified correctly after `pgd(model, x, y, **pgd_kwargs)`."
-    modes, dev = _modes(model), _device(model)
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=dev)
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(dev, non_blocking=True), y[i:i + batch_size].to(dev, non_blocking=True)
-            xa = pgd(model, xb, yb, **pgd_kwargs)
-            with torch.no_grad(): correct += (model(xa).argmax(1) == yb).sum()
-    finally:
-        _restore(model, modes)
-    return correct.item() / max(len(x), 1)
+    return _fraction_correct(model, x, y, batch_size, attack=lambda xb, yb: pgd(model, xb, yb, **pgd_kwargs))
