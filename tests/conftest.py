@@ -3,6 +3,7 @@ AFD_DOWNLOAD=1, and otherwise skip with the reason -- except in our CI (AFD_REQU
 where a missing file is a failure, never a skip."""
 import os
 import pytest
+import torch
 
 REQUIRE = os.environ.get('AFD_REQUIRE_DATA') == '1'
 DOWNLOAD = os.environ.get('AFD_DOWNLOAD') == '1'
@@ -38,3 +39,11 @@ def resnet20():
     "The naturally trained CIFAR-10 ResNet-20 (akamaster weights), in eval mode."
     from afd_nb.models import load_pretrained
     return obtain('ResNet-20 weights', lambda dl: load_pretrained('resnet20', download=dl)).eval()
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "Small convolutions: one thread is fastest and avoids oversubscribing a shared 2-core machine (restored after)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,12 +8,7 @@ import afd_nb.baselines as B
 from afd_nb.train import TrainConfig, fine_tune, METHODS, Method, Run, register_method
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small convolutions: one thread is fastest and avoids oversubscribing a shared 2-core machine (restored after)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY = dict(n_train=64, batch_size=32, epochs=1, n_eval=16, eval_steps=2, eval_step_size=0.01, train_steps=2,
             eval_at_start=False, device='cpu')

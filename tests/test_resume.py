@@ -10,12 +10,7 @@ from afd_nb.train import (TrainConfig, fine_tune, read_checkpoint, atomic_save, 
                           CorruptCheckpointError, NonFiniteLossError)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small convolutions: one thread is fastest and avoids oversubscribing a shared 2-core machine (restored after)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 # 6 steps per epoch, 2 epochs, a checkpoint after every step; deterministic CPU
 RESUME = dict(n_train=96, batch_size=16, epochs=2, n_eval=16, eval_steps=2, eval_step_size=0.01, train_steps=2,

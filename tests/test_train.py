@@ -8,12 +8,7 @@ from afd_nb.train import (TrainConfig, fine_tune, lr_at_epoch, ema_decay, ModelE
                           apply_update, total_loss, UPDATE_RULES, METHODS)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Small convolutions: one thread is fastest and avoids oversubscribing a shared 2-core machine (restored after)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 W = dict(ce=1., dis=0.05, sep=0.25, align=25.)
 TINY = dict(n_train=64, batch_size=32, epochs=1, n_eval=16, eval_steps=2, eval_step_size=0.01, train_steps=2, device='cpu')
