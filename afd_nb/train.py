@@ -288,6 +288,7 @@ class TrainConfig:
     # runtime
     device: str = 'auto'               # auto, cpu, cuda, cuda:N
     amp: bool = False                  # bf16 autocast for the training step and training attack (evaluation in fp32)
+    tf32: bool = False                 # CUDA: TF32 tensor cores for convolutions and matmuls (False: full fp32, the reference)
     channels_last: bool = False        # channels_last memory format for model and inputs
     compile: bool = False              # torch.compile the student's forward
     deterministic: bool = False        # deterministic algorithms (bit-exact resume on CPU)
@@ -340,6 +341,11 @@ class TrainConfig:
         if self.checkpoint not in (None, 'pretrained') and not Path(self.checkpoint).is_file():
             bad('checkpoint', "file not found; valid: 'pretrained', None, or the path of an existing checkpoint")
         _device(self.device)
+        if not isinstance(self.tf32, bool): bad('tf32', 'must be True or False')
+        if self.amp and self.update_rule == 'official' and METHODS[self.method].disentangle:
+            bad('amp', "is not supported with update_rule='official': under autocast its second and third backward see bf16 "
+                       "copies of the pre-update weights, so the legacy semantics are lost; use update_rule='official_fused' "
+                       "(the same update collapsed into one optimizer) with amp=True, or amp=False")
         if self.compile and self.update_rule == 'official' and METHODS[self.method].disentangle:
             bad('compile', "is not supported with update_rule='official' (it back-propagates through weights updated in place); "
                            "use update_rule='official_fused' or 'joint', or compile=False")
@@ -567,9 +573,11 @@ def _teacher(student: nn.Module, teacher: nn.Module | None) -> nn.Module:
 
 @contextlib.contextmanager
 def _torch_settings(cfg: TrainConfig, dev: torch.device):
-    "Deterministic algorithms or cudnn.benchmark for the duration of the run; restored afterwards."
+    "Deterministic algorithms or cudnn.benchmark, and TF32 on or off, for the duration of the run; restored afterwards."
     prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     if cfg.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -579,6 +587,7 @@ def _torch_settings(cfg: TrainConfig, dev: torch.device):
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[4], prev[5]
 
 
 def evaluate_epoch(model: nn.Module, x, y, cfg: TrainConfig, tracker: GapTracker | None) -> dict:
