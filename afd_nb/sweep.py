@@ -14,10 +14,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 # %% auto #0
-__all__ = ['STAGES', 'OUTPUTS', 'RUNTIME_KEYS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'METHOD_NAMES', 'DATASET_NAMES', 'METRICS',
-           'PAPER', 'load_config', 'run_id', 'expand_runs', 'resolve_device', 'device_name', 'run_sweep',
-           'collect_results', 'collect_metrics', 'paper_table', 'plot_gap', 'plot_curves', 'plot_sensitivity',
-           'write_report', 'main']
+__all__ = ['STAGES', 'OUTPUTS', 'RUNTIME_KEYS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'DATASET_NAMES', 'METRICS', 'PAPER',
+           'load_config', 'run_id', 'expand_runs', 'resolve_device', 'device_name', 'run_sweep', 'collect_results',
+           'collect_metrics', 'paper_table', 'plot_gap', 'plot_curves', 'plot_sensitivity', 'write_report', 'main']
 
 # %% ../nbs/10_sweep.ipynb #7f336e4b
 STAGES = ('pretrain', 'finetune', 'evaluate', 'feature_gap')
@@ -474,8 +473,7 @@ def run_sweep(cfg,                   # config path or dict (see `load_config`)
     return res
 
 # %% ../nbs/10_sweep.ipynb #d1f36878
-METHOD_NAMES = {'vaft': 'vAFT', 'rgkd': 'AFT+RGKD', 'arrest': 'ARREST', 'trades': 'TRADES-FT', 'afd': 'AFD',
-                'natural': 'natural'}
+from .plots import METHOD_NAMES, METHOD_COLORS, method_style   # one name and colour per method
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'tiny_imagenet': 'Tiny-ImageNet'}
 METRICS = ['Clean', 'PGD', 'AA', 'Avg']
 PAPER = {  # METHOD.md §11: (Clean, PGD-20, AA, Avg) in %, per architecture, method and dataset

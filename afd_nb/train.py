@@ -297,7 +297,7 @@ class TrainConfig:
     ckpt_every_steps: int = 0          # also checkpoint every N steps (0: only at the end of each epoch)
     keep_epoch_ckpts: bool = False     # also keep epoch_NNN.pt (raw + EMA weights) for every epoch
     data_root: str | None = None       # data folder tried first (then $AFD_DATA, data/)
-    download: bool = False             # allow downloading missing data / weights
+    download: bool | None = None       # fetch missing data / weights: None = yes unless AFD_DOWNLOAD=0
 
     def resolved(self) -> TrainConfig:
         "A copy with the method's defaults filled in for fields left as None."
