@@ -26,7 +26,7 @@ C10, C100, TINY = 'cifar-10-python.tar.gz', 'cifar-100-python.tar.gz', 'tiny-ima
 def _add(t: tarfile.TarFile, name: str, obj):
     "Add one Python-2-protocol pickle (as in the official archives) to a tar file."
     b = pickle.dumps(obj, protocol=2)
-    info = tarfile.TarInfo(name); info.size = len(b); info.mode = 0o644
+    info = tarfile.TarInfo(name); info.size, info.mode, info.mtime = len(b), 0o644, 1_600_000_000
     t.addfile(info, io.BytesIO(b))
 
 
