@@ -1,25 +1,17 @@
 """afd_nb.data: datasets, flavours, subsets, augmentation, loader, errors (CPU, < 60 s)."""
-import pickle, urllib.error
+import os, pickle
 from PIL import Image
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 import afd_nb.data as D
+import afd_nb.download as DL
 from afd_nb.data import (DataNotFoundError, ImageDataset, BatchLoader, augment_batch, data_roots, get_dataset)
-from conftest import obtain
+from conftest import local_file, obtain
 
 C10_TEST_COUNTS = [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]    # data README
 C10_TRAIN_COUNTS = [396, 366, 420, 384, 422, 393, 414, 385, 407, 413]
-
-
-def _shared(fname):
-    "Path of a file of the shared data folder (npz), searched like get_dataset does."
-    def find(_):
-        for r in data_roots():
-            if (r/fname).exists(): return r/fname
-        raise DataNotFoundError(f'{fname} not found in {data_roots()}')
-    return obtain(fname, find)
 
 
 @pytest.fixture(scope='module')
@@ -34,12 +26,13 @@ def tiny_val():
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
-    "Three empty places: an explicit root, $AFD_DATA, and the project's data/ folder."
+    "Three empty places: an explicit root, $AFD_DATA, and the project's data folder; downloads off."
     root, env, repo = tmp_path/'root', tmp_path/'env', tmp_path/'repo_data'
     root.mkdir(); env.mkdir()
     monkeypatch.setenv('AFD_DATA', str(env))
-    monkeypatch.delenv('AFD_DOWNLOAD', raising=False)
-    monkeypatch.setattr(D, '_repo_data_dirs', lambda: [repo])
+    monkeypatch.setenv('AFD_DOWNLOAD', '0')
+    monkeypatch.delenv('AFD_MIRROR', raising=False); monkeypatch.delenv('AFD_MIRROR_CHECKSUMS', raising=False)
+    monkeypatch.setattr(DL, 'project_data_dir', lambda: repo)
     return root, env, repo
 
 
@@ -70,7 +63,7 @@ def test_exact_train_subset(cifar10_train):
 
 
 def test_exact_rows_match_jpeg_copy(cifar10_test, c10_jpeg_test):
-    j = torch.from_numpy(np.load(_shared('cifar10_subset.npz'))['test_index_in_jpeg'].astype(np.int64))
+    j = torch.from_numpy(np.load(local_file('cifar10_subset.npz'))['test_index_in_jpeg'].astype(np.int64))
     dj = c10_jpeg_test
     assert dj.x.shape == (10000, 3, 32, 32) and torch.bincount(dj.y).tolist() == [1000] * 10
     assert dj.flavour == 'jpeg' and 'cifar10/jpeg test (10000 images' in dj.describe()
@@ -78,6 +71,7 @@ def test_exact_rows_match_jpeg_copy(cifar10_test, c10_jpeg_test):
     a, b = cifar10_test.x.float(), dj.x[j].float()
     err = (a - b).abs().mean((1, 2, 3))
     err_shuffled = (a - b.roll(1, 0)).abs().mean((1, 2, 3))
+    # mean |error| <= mean RMSE = 255 * 10^(-PSNR/20) ~ 7.9 grey levels at the copy's PSNR of ~30.5 dB; wrong pairs give ~70
     assert err.mean() < 8 and err_shuffled.mean() > 4 * err.mean()   # same images, JPEG noise only
     assert not torch.equal(a, b)                                      # ... but not identical
 
@@ -211,43 +205,34 @@ def test_batchloader_tiny_pad(tiny_val):
     assert xb.shape == (32, 3, 64, 64) and 0 <= xb.min() and xb.max() <= 1
 
 
-# ------------------------------------------------------------------ missing data, downloads
+# ------------------------------------------------------------------ missing data (downloads: test_download.py)
 def test_not_found_lists_paths(nowhere):
     root, env, repo = nowhere
     with pytest.raises(DataNotFoundError) as e: get_dataset('cifar10', 'test', root=root)
     msg = str(e.value)
-    for s in [str(root), str(env), str(repo), str(root/'cifar10_subset.npz'), str(env/'cifar-10-batches-py'/'test_batch'),
-              'AFD_DATA=', 'download=True']:
+    first = msg.splitlines()[0]
+    assert first.startswith('cifar10/exact test: not found, and downloads are off (AFD_DOWNLOAD=0 or download=False)')
+    assert 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz' in first and f'put it in {root}{os.sep} ' in first
+    for s in [str(root), str(env), str(repo), str(root/'cifar10_subset.npz'), str(env/'cifar-10-batches-py'/'test_batch'), 'AFD_DATA']:
         assert s in msg, s
-    assert msg.index(str(root)) < msg.index(str(env)) < msg.index(str(repo))
-    assert isinstance(e.value, FileNotFoundError)
-    with pytest.raises(DataNotFoundError) as e: get_dataset('cifar10', 'test', flavour='jpeg', root=root)
-    assert 'cifar10_jpeg.npz' in str(e.value) and 'no download' in str(e.value)
+    assert msg.index(str(env)) < msg.index(str(repo)) and isinstance(e.value, FileNotFoundError)
+    with pytest.raises(DataNotFoundError) as e: get_dataset('cifar10', 'test', flavour='jpeg', root=root, download=True)
+    assert 'cifar10_jpeg.npz' in str(e.value) and 'no official archive provides' in str(e.value)
     with pytest.raises(DataNotFoundError, match='tiny_imagenet_val.npz'): get_dataset('tiny_imagenet', 'test', root=root)
     assert data_roots(root) == [root, env, repo]
+    assert not any(p.name.startswith('.') for p in root.iterdir())       # nothing fetched, nothing half-written
 
 
-def test_download_failure_is_wrapped(nowhere, monkeypatch):
-    import torchvision.datasets.utils as tvu
+def test_never_the_working_directory(nowhere, monkeypatch, tmp_path, cifar10_test):
+    "A data/ folder under the working directory (e.g. a papermill run folder) is neither searched nor downloaded into."
     root, env, repo = nowhere
-    calls = []
-    def offline(url, download_root, **kw):
-        calls.append((url, Path(download_root), kw))
-        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
-    monkeypatch.setattr(tvu, 'download_and_extract_archive', offline)
-    with pytest.raises(DataNotFoundError) as e: get_dataset('cifar10', 'test', root=root, download=True)
-    msg = str(e.value)
-    assert calls[0][0] == 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz' and calls[0][1] == root
-    assert calls[0][2]['md5'] == 'c58f30108f718f92721af3b95e74349a'
-    assert 'download failed' in msg and 'Temporary failure in name resolution' in msg and str(root) in msg
-    assert isinstance(e.value.__cause__, urllib.error.URLError)
-    # without a root the download goes to the project's data/ folder; AFD_DOWNLOAD=1 means download=True
-    monkeypatch.setenv('AFD_DOWNLOAD', '1')
-    with pytest.raises(DataNotFoundError): get_dataset('tiny_imagenet', 'test')
-    assert calls[-1][0] == 'http://cs231n.stanford.edu/tiny-imagenet-200.zip' and calls[-1][1] == repo
-    n = len(calls)
-    with pytest.raises(DataNotFoundError, match='no download'): get_dataset('cifar10', flavour='jpeg')
-    assert len(calls) == n                                       # nothing to download for the JPEG copy
+    cwd = tmp_path/'runs'/'demo'/'run0'; (cwd/'data').mkdir(parents=True)
+    np.savez(cwd/'data'/'cifar10_subset.npz', x_test=cifar10_test.x.numpy().transpose(0, 2, 3, 1), y_test=cifar10_test.y.numpy(),
+             class_names=np.array(cifar10_test.classes))
+    monkeypatch.chdir(cwd)
+    assert cwd/'data' not in data_roots() and DL.download_dir() == env
+    with pytest.raises(DataNotFoundError) as e: get_dataset('cifar10', 'test')
+    assert str(cwd) not in str(e.value)
 
 
 def _write_cifar10_pickles(d: Path, xtr, ytr, xte, yte, names):
@@ -260,17 +245,14 @@ def _write_cifar10_pickles(d: Path, xtr, ytr, xte, yte, names):
     _dump({'label_names': names}, d/'batches.meta')
 
 
-def test_download_success_and_pickle_layout(cifar10_train, cifar10_test, nowhere, monkeypatch):
-    "A fake downloader that 'extracts' an official-layout folder; then exact = first rows, full = all."
-    import torchvision.datasets.utils as tvu
+def test_pickle_layout(cifar10_train, cifar10_test, nowhere):
+    "An official-layout cifar-10-batches-py/ folder: exact = its first rows, full = all of them."
     root, _, _ = nowhere
     xtr, ytr = cifar10_train.x.numpy(), cifar10_train.y.numpy()
     xtr5 = np.concatenate([xtr] * 5)                                  # 20000 train rows, first 4000 = exact subset
-    def fake(url, download_root, **kw):
-        _write_cifar10_pickles(Path(download_root)/'cifar-10-batches-py', xtr5, np.concatenate([ytr] * 5),
-                               cifar10_test.x.numpy(), cifar10_test.y.numpy(), cifar10_train.classes)
-    monkeypatch.setattr(tvu, 'download_and_extract_archive', fake)
-    full = get_dataset('cifar10', 'train', flavour='full', root=root, download=True)
+    _write_cifar10_pickles(root/'cifar-10-batches-py', xtr5, np.concatenate([ytr] * 5),
+                           cifar10_test.x.numpy(), cifar10_test.y.numpy(), cifar10_train.classes)
+    full = get_dataset('cifar10', 'train', flavour='full', root=root)
     assert full.x.shape == (20000, 3, 32, 32) and full.source == root/'cifar-10-batches-py'
     assert torch.equal(full.x[:4000], cifar10_train.x) and full.describe() == 'cifar10/full train (20000 images)'
     # data_batch_1 holds only 4000 rows here, so 'exact' needs them all; it equals the npz subset
@@ -278,8 +260,8 @@ def test_download_success_and_pickle_layout(cifar10_train, cifar10_test, nowhere
     assert ex.source == root/'cifar-10-batches-py' and torch.equal(ex.x, cifar10_train.x) and torch.equal(ex.y, cifar10_train.y)
     te = get_dataset('cifar10', 'test', root=root)
     assert torch.equal(te.x, cifar10_test.x) and ex.classes == cifar10_train.classes
-    # pickles rebuilt from the JPEG copy (shared tools write a readme.txt saying so) are not 'exact'
-    (root/'cifar-10-batches-py'/'readme.txt').write_text('Rebuilt from shared/data/cifar10_jpeg.npz ...')
+    # pickles rebuilt from the JPEG copy (the data tools write a readme.txt saying so) are not 'exact'
+    (root/'cifar-10-batches-py'/'readme.txt').write_text('Rebuilt from cifar10_jpeg.npz ...')
     with pytest.raises(DataNotFoundError, match='rebuilt from the JPEG copy'): get_dataset('cifar10', 'test', root=root)
     assert 'rebuilt' in get_dataset('cifar10', 'test', flavour='full', root=root).describe()
 
@@ -320,7 +302,7 @@ def test_tiny_imagenet_train_subset():
 
 def test_tiny_imagenet_tree_matches_npz(tmp_path, tiny_val):
     "The official tree layout (written from the npz JPEG bytes) gives the same images, labels and order."
-    val_npz = _shared('tiny_imagenet_val.npz')
+    val_npz = local_file('tiny_imagenet_val.npz')
     z = np.load(val_npz)
     buf, off, files, wnids = z['val_jpeg'], z['val_offsets'], D._strs(z['val_file']), D._strs(z['wnids'])
     t = tmp_path/'tiny-imagenet-200'

@@ -1,14 +1,16 @@
 """afd_nb.models: shapes and feature sizes, the forward contract, pretrained weights (strict load, accuracy),
 checkpoint unwrapping and the mismatch messages, and the weight lookup / download errors."""
-import shutil, urllib.error
+import argparse, os, shutil
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from conftest import obtain
+import afd_nb.download as DL
 import afd_nb.models as M
 from afd_nb.data import DataNotFoundError
-from afd_nb.models import (ARCHS, CheckpointMismatchError, build_model, load_checkpoint, load_pretrained,
-                           pretrained_path)
+from afd_nb.models import (ARCHS, CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError, build_model,
+                           convert_legacy_checkpoint, load_checkpoint, load_pretrained, pretrained_path, safe_load)
 
 
 @pytest.mark.parametrize('arch,opts,size,d', [
@@ -39,7 +41,7 @@ def test_stem_padding():
 
 
 def test_parameter_counts():
-    "Counts of the original models (data README for resnet20..56; kuangliu ResNet-18; TRADES WRN-34-10)."
+    "Counts of the original models (the akamaster checkpoints for resnet20..56; kuangliu ResNet-18; TRADES WRN-34-10)."
     expected = dict(resnet20=269_722, resnet32=464_154, resnet44=658_586, resnet56=853_018,
                     resnet18=11_173_962, wrn34_10=46_160_474)
     for arch, n in expected.items():
@@ -54,7 +56,7 @@ def test_normalisation_inside_cifar_resnets():
     mean, std = torch.tensor(M.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(M.IMAGENET_STD).view(1, 3, 1, 1)
     raw = build_model('resnet20', normalize=False); raw.load_state_dict(m.state_dict())
     m.eval(); raw.eval()
-    with torch.no_grad(): assert torch.allclose(m(x), raw((x - mean) / std), atol=1e-5)
+    with torch.no_grad(): assert torch.equal(m(x), raw((x - mean) / std))   # the same ops on the same tensors: equal by construction
 
 
 def test_bad_build_arguments():
@@ -83,13 +85,20 @@ def test_pretrained_load_strictly(weight_paths):
 
 
 def test_pretrained_resnet20_accuracy(resnet20, cifar10_test):
-    "The naturally trained ResNet-20 scores >= 91% on the exact CIFAR-10 test subset (official test[0:1000])."
+    """The naturally trained ResNet-20 gets 915 of the exact CIFAR-10 test subset (official test[0:1000]) right, as an
+    independent NumPy re-implementation does; on another CPU only predictions with a top-2 margin below the rounding
+    bound can flip."""
     x, y = cifar10_test.tensors()
     assert len(y) == 1000 and 0 <= x.min() and x.max() <= 1
     assert not resnet20.training
-    with torch.no_grad(): acc = torch.cat([resnet20(b).argmax(1) for b in x.split(500)]).eq(y).float().mean().item()
-    print(f'resnet20 clean accuracy on {cifar10_test.describe()}: {acc:.2%}')
-    assert acc >= 0.91
+    with torch.no_grad(): z = torch.cat([resnet20(b) for b in x.split(500)])
+    top2 = z.topk(2, 1).values
+    right = z.argmax(1).eq(y)
+    # float32 eps x largest |logit| x the longest dot product in the network (3*3*64 terms): a generous rounding bound
+    delta = torch.finfo(torch.float32).eps * z.abs().max() * 576
+    fragile = int(((top2[:, 0] - top2[:, 1] < delta) & right).sum())
+    print(f'resnet20 on {cifar10_test.describe()}: {int(right.sum())} correct; {fragile} correct with margin < {delta:.1e}')
+    assert int(right.sum()) >= 915 - fragile
 
 
 # ---- load_checkpoint ----
@@ -146,49 +155,125 @@ def test_wrn_ignores_trades_sub_block1():
 def test_truncated_checkpoint_is_reported(tmp_path, weight_paths):
     p = tmp_path / 'trunc.th'
     p.write_bytes(weight_paths['resnet20'].read_bytes()[:5000])
-    with pytest.raises(RuntimeError, match='truncated or corrupt'): load_checkpoint(build_model('resnet20'), p)
+    with pytest.raises(CheckpointReadError, match='truncated or corrupt'): load_checkpoint(build_model('resnet20'), p)
+    torch.save(build_model('resnet20').state_dict(), tmp_path / 'new.pt')
+    (tmp_path / 'cut.pt').write_bytes((tmp_path / 'new.pt').read_bytes()[:-2000])          # zip format, end cut off
+    with pytest.raises(CheckpointReadError, match='truncated or corrupt'): load_checkpoint(build_model('resnet20'), tmp_path / 'cut.pt')
+    with pytest.raises(FileNotFoundError, match='does not exist'): load_checkpoint(build_model('resnet20'), tmp_path / 'nope.pt')
 
 
-# ---- finding and downloading weights ----
+# ---- reading checkpoint files safely ----
 
-@pytest.fixture
-def only_tmp_root(tmp_path, monkeypatch):
-    "Make the weight lookup see only tmp_path (no $AFD_DATA, no repo data/)."
-    monkeypatch.setattr(M, 'data_roots', lambda root=None: [tmp_path])
-    return tmp_path
+class _Payload:
+    "Unpickling this calls os.makedirs(marker): a stand-in for any code a crafted checkpoint could run."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (os.makedirs, (self.marker,))
 
 
-def test_missing_weights_message(only_tmp_root, monkeypatch):
-    called = []
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: called.append(a))
+def _crafted(path, marker, legacy=False):
+    "A checkpoint that holds a valid resnet20 state dict and a payload; `legacy`: the pre-1.6 (non-zip) format."
+    torch.save({'state_dict': build_model('resnet20').state_dict(), 'extra': _Payload(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, legacy):
+    marker = tmp_path / 'payload-ran'
+    evil = _crafted(tmp_path / 'evil.pt', marker, legacy)
+    with pytest.raises(UnsafeCheckpointError) as e: load_checkpoint(build_model('resnet20'), evil)
+    msg = str(e.value)
+    assert f'refusing to load {evil}: it needs posix.makedirs' in msg or 'it needs os.makedirs' in msg or 'nt.makedirs' in msg
+    assert 'convert_legacy_checkpoint' in msg and len(msg.splitlines()) == 1
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError): safe_load(evil)
+    assert not marker.exists()
+    # the test can fail: the same file, unpickled fully, does run its payload
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_crafted_checkpoint_in_a_training_config_is_refused(tmp_path, cifar10_train):
+    from afd_nb.train import TrainConfig, fine_tune
+    marker = tmp_path / 'payload-ran'
+    evil = _crafted(tmp_path / 'evil.pt', marker)
+    cfg = TrainConfig(n_train=32, batch_size=16, epochs=1, n_eval=0, train_steps=1, device='cpu', checkpoint=str(evil),
+                      out_dir=str(tmp_path / 'run'))
+    with pytest.raises(UnsafeCheckpointError): fine_tune(cfg, train_ds=cifar10_train, progress=False)
+    assert not marker.exists()
+
+
+def test_text_file_as_checkpoint(tmp_path):
+    p = tmp_path / 'run.yaml'; p.write_text('arch: resnet20\nepochs: 3\n')
+    with pytest.raises(CheckpointReadError) as e: load_checkpoint(build_model('resnet20'), p)
+    assert str(e.value) == (f"{p} is not a PyTorch checkpoint: it starts with b'arch', not with the zip or pickle header "
+                            "that torch.save writes")
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    with pytest.raises(CheckpointReadError, match='not a PyTorch checkpoint'): safe_load(tmp_path / 'empty.pt')
+
+
+def test_our_own_files_load_safely(tmp_path, weight_paths):
+    "The akamaster files, and state dicts saved whole or wrapped with metadata, need nothing beyond a weights-only load."
+    for p in weight_paths.values(): assert isinstance(safe_load(p)['best_prec1'], float)
+    sd = build_model('resnet20').state_dict()
+    torch.save(dict(state_dict=sd, arch='resnet20', num_classes=10, options={}, ema=True, config=dict(lr=0.1, eps=8 / 255, n_gap=None,
+                    model_options={}, flavour=None)), tmp_path / 'final.pt')
+    assert safe_load(tmp_path / 'final.pt')['config']['eps'] == 8 / 255
+    load_checkpoint(build_model('resnet20'), tmp_path / 'final.pt')
+
+
+def test_legacy_conversion(tmp_path):
+    net = build_model('resnet20')
+    legacy = tmp_path / 'legacy.pt'
+    torch.save({'state_dict': net.state_dict(), 'args': argparse.Namespace(lr=0.1, arch='resnet20', milestones=[100, 150]),
+                'best_acc': np.float64(91.5), 'epoch': np.int64(200), 'hist': np.arange(3.0)}, legacy)
+    with pytest.raises(UnsafeCheckpointError, match='it needs argparse.Namespace'): load_checkpoint(build_model('resnet20'), legacy)
+    out = convert_legacy_checkpoint(legacy, tmp_path / 'legacy.safe.pt')
+    ck = safe_load(out)
+    assert ck['args'] == {'lr': 0.1, 'arch': 'resnet20', 'milestones': [100, 150]}
+    assert type(ck['best_acc']) is float and ck['best_acc'] == 91.5 and type(ck['epoch']) is int and ck['epoch'] == 200
+    assert torch.equal(ck['hist'], torch.arange(3.0, dtype=torch.float64))
+    m = load_checkpoint(build_model('resnet20'), out)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), net.state_dict().values()))
+    # a whole pickled model becomes its state dict; objects that are not plain data are dropped with a warning
+    torch.save({'model': net, 'sched': torch.optim.lr_scheduler.StepLR(torch.optim.SGD(net.parameters(), 0.1), 10)}, tmp_path / 'whole.pt')
+    with pytest.warns(UserWarning, match=r'dropped 1 value.*sched \(torch.optim.lr_scheduler.StepLR\)'):
+        out2 = convert_legacy_checkpoint(tmp_path / 'whole.pt', tmp_path / 'whole.safe.pt')
+    assert set(safe_load(out2)) == {'model'}
+    load_checkpoint(build_model('resnet20'), out2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['legacy.pt', 'legacy.safe.pt', 'whole.pt', 'whole.safe.pt']
+
+
+# ---- finding and downloading weights (the local-server tests of every download are in test_download.py) ----
+
+def test_missing_weights_message(fresh_data, monkeypatch, http_server, weight_paths):
+    srv = http_server(weight_paths['resnet20'].parent)
+    monkeypatch.setenv('AFD_MIRROR', srv.url)
+    monkeypatch.setenv('AFD_DOWNLOAD', '0')
     with pytest.raises(DataNotFoundError) as e: pretrained_path('resnet20')
     msg = str(e.value)
-    assert str(only_tmp_root / 'weights' / 'resnet20-12fca82f.th') in msg and 'AFD_DATA' in msg and 'download=True' in msg
-    assert not called                                   # download=False never touches the network
+    first = msg.splitlines()[0]
+    assert first.startswith('resnet20 weights: not found, and downloads are off')
+    assert M.PRETRAINED_URL + 'resnet20-12fca82f.th' in first and f'put it in {fresh_data/"weights"}{os.sep} ' in first
+    assert str(fresh_data / 'weights' / 'resnet20-12fca82f.th') + ': not found' in msg
+    assert srv.requests == []                                           # downloads off: nothing was asked for
+    with pytest.raises(DataNotFoundError): pretrained_path('resnet20', download=False)
     with pytest.raises(ValueError, match='no pretrained weights'): pretrained_path('resnet18')
 
 
-def test_download_failure_is_clear(only_tmp_root, monkeypatch):
-    def offline(url, dst, hash_prefix=None, progress=True): raise urllib.error.URLError('no network')
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
-    with pytest.raises(DataNotFoundError) as e: load_pretrained('resnet32', download=True)
+def test_weights_found_fetched_and_checked(fresh_data, monkeypatch, http_server, weight_paths):
+    srv = http_server(weight_paths['resnet20'].parent)
+    monkeypatch.setenv('AFD_MIRROR', srv.url)
+    p = pretrained_path('resnet20')                                     # download=None: fetched
+    assert p == fresh_data / 'weights' / 'resnet20-12fca82f.th' and p.read_bytes() == weight_paths['resnet20'].read_bytes()
+    assert load_pretrained('resnet20') is not None and srv.requests == ['/resnet20-12fca82f.th']   # found the second time
+    p.write_bytes(b'not a checkpoint')                                  # a damaged local copy is never used ...
+    with pytest.raises(DataNotFoundError, match='fails its checksum'): pretrained_path('resnet20', download=False)
+    assert pretrained_path('resnet20') == p and p.read_bytes() == weight_paths['resnet20'].read_bytes()   # ... but replaced
+    assert len(srv.requests) == 2
+    monkeypatch.setenv('AFD_MIRROR', 'http://127.0.0.1:9')              # nothing listens there
+    with pytest.raises(DataNotFoundError) as e: load_pretrained('resnet32')
     msg = str(e.value)
-    assert 'https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet32-d509ac18.th' in msg
-    assert 'failed' in msg and 'no network' in msg and str(only_tmp_root) in msg
-
-
-def test_download_success_and_hash_check(only_tmp_root, monkeypatch, weight_paths):
-    real = weight_paths['resnet20']
-    calls = []
-    def fake(url, dst, hash_prefix=None, progress=True):
-        calls.append((url, hash_prefix)); shutil.copy(real, dst)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake)
-    p = pretrained_path('resnet20', download=True)
-    assert p == only_tmp_root / 'weights' / 'resnet20-12fca82f.th' and p.is_file()
-    assert calls == [(M.PRETRAINED_URL + 'resnet20-12fca82f.th', '12fca82f')]
-    assert load_pretrained('resnet20') is not None and len(calls) == 1   # found locally the second time
-
-    p.write_bytes(b'not a checkpoint')                                    # a corrupt local copy is not used
-    with pytest.raises(DataNotFoundError, match='sha256 does not start with 12fca82f'): pretrained_path('resnet20')
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda url, dst, **k: open(dst, 'wb').write(b'junk'))
-    with pytest.raises(DataNotFoundError, match='sha256'): pretrained_path('resnet20', download=True)
+    assert msg.startswith('resnet32 weights: not found, and the download failed: could not fetch resnet32-d509ac18.th')
+    assert M.PRETRAINED_URL + 'resnet32-d509ac18.th' in msg and 'Connection refused' in msg
+    assert sorted(os.listdir(fresh_data / 'weights')) == ['resnet20-12fca82f.th']
