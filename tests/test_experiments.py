@@ -23,7 +23,8 @@ def run(name: str, out: Path, **params) -> nbformat.NotebookNode:
     out.mkdir(parents=True, exist_ok=True)
     dst = out/f'{name}.ipynb'
     pm.execute_notebook(str(EXP/f'{name}.ipynb'), str(dst), parameters=dict(params, out_dir=str(out)), kernel_name='python3',
-                        progress_bar=False, cwd=str(out), extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
+                        progress_bar=False, cwd=str(out), start_timeout=300,   # a busy machine can take minutes to start a kernel
+                        extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
     return nbformat.read(dst, as_version=4)
 
 
