@@ -17,7 +17,7 @@ from .sweep import RUNTIME_KEYS, _atomic_write_text, _fmt, _read_json
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'ARCH_NAMES', 'METRICS', 'PAPER', 'collect_results', 'summary_table', 'paper_table',
            'collect_metrics', 'label_styles', 'plot_curves', 'plot_gap', 'epoch_table', 'plot_sensitivity',
-           'write_report']
+           'claims_table', 'progress', 'write_report']
 
 # %% ../nbs/10b_report.ipynb #714ab66b
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'tiny_imagenet': 'Tiny-ImageNet'}
@@ -333,6 +333,78 @@ def plot_sensitivity(results:pd.DataFrame, # from `collect_results`
     if path: _save_fig(fig, path)
     return fig
 
+# %% ../nbs/10b_report.ipynb #e3f5e6a6
+def _diff(a:pd.Series, b:pd.Series=None) -> tuple[float, float, int]:
+    "mean(a) − mean(b) (or mean(a) alone) with its standard error and the smaller number of seeds."
+    a = pd.to_numeric(a, errors='coerce').dropna(); b = None if b is None else pd.to_numeric(b, errors='coerce').dropna()
+    if not len(a) or (b is not None and not len(b)): return float('nan'), float('nan'), 0
+    if b is None: return a.mean(), (a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float('nan')), len(a)
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else float('nan')
+    return a.mean() - b.mean(), se, min(len(a), len(b))
+
+def _way(d:float, se:float, sign:int=1, k:float=2.0) -> int|None:
+    "+1: the claimed way (sign · d > k·se), −1: the other way, 0: a tie, None: not measurable (one seed, no data)."
+    if math.isnan(d) or math.isnan(se): return None
+    return 1 if sign * d > k * se else -1 if sign * d < -k * se else 0
+
+def _verdict(ways:list, rule:str='all') -> str:
+    "'all': every comparison the claimed way; 'any': one at least; either way, none the other way."
+    if any(w == -1 for w in ways): return 'does not hold'
+    if ways and (all(w == 1 for w in ways) if rule == 'all' else any(w == 1 for w in ways)): return 'holds'
+    return 'inconclusive'
+
+def _ends(met:pd.DataFrame, label:str, col:str) -> tuple[pd.Series, pd.Series]:
+    "Per run of `label`: `col` at its first and at its last epoch."
+    d = met[(met['label'] == label)].dropna(subset=[col]).sort_values('epoch') if col in met and len(met) else []
+    if not len(d): return pd.Series(dtype=float), pd.Series(dtype=float)
+    g = d.groupby('run_id')[col]
+    return g.first(), g.last()
+
+# %% ../nbs/10b_report.ipynb #cb35dd9e
+def claims_table(results:pd.DataFrame, # from `collect_results`
+                 metrics:pd.DataFrame, # from `collect_metrics`
+                ) -> pd.DataFrame:
+    "The four claims above: each comparison as 'Δ ± se (n seeds)' and the verdict; only the claims the sweep can test."
+    ok = _done(results); met = metrics[metrics['run_id'].isin(ok['run_id'])] if len(metrics) and len(ok) else metrics.iloc[:0]
+    N, rows = METHOD_NAMES, []
+    has = lambda lab: len(ok) and lab in set(ok['label'])
+    fmt = lambda what, d, se, n: f"{what}: {d:+.3g}" + ('' if math.isnan(se) else f' ± {se:.2g}') + f' ({n} seed{"s" * (n != 1)})'
+    def claim(text, parts, rule):
+        if parts: rows.append(dict(claim=text, evidence='; '.join(fmt(*p[:4]) for p in parts), verdict=_verdict([p[4] for p in parts], rule)))
+    acc = [m for m in METRICS[:3] if m in ok and ok[m].notna().any()]
+    sel = lambda lab, m: ok.loc[ok['label'] == lab, m]
+    if has(N['afd']) and has(N['vaft']):
+        claim('1. AFD beats vAFT in clean and robust accuracy (%)',
+              [(f'{m} AFD − vAFT', *(x := _diff(sel(N['afd'], m), sel(N['vaft'], m))), _way(x[0], x[1])) for m in acc], 'all')
+    for col, what in (('gap.linf', 'absolute'), ('gap.linf_rel', 'relative')):
+        parts = []
+        for meth in ('vaft', 'rgkd', 'arrest'):
+            first, last = _ends(met, N[meth], col)
+            if len(last): parts.append((f'{N[meth]} last − first epoch', *(x := _diff(last - first)), _way(x[0], x[1])))
+        claim(f'2. the {what} L∞ gap of the baselines widens during fine-tuning', parts, 'all')
+        parts = []
+        for c, feat in ((col, 'g(x)'), (col.replace('gap.', 'gap.d1_'), 'D1·g(x)')):
+            a, b = _ends(met, N['afd'], c)[1], _ends(met, N['vaft'], col)[1]
+            if len(a) and len(b): parts.append((f'AFD {feat} − vAFT g(x), last epoch', *(x := _diff(a, b)), _way(x[0], x[1], -1)))
+        claim(f'3. AFD\'s {what} L∞ gap stays below vAFT\'s', parts, 'all')
+    for k, loss in (('α', 'L_dis'), ('β', 'L_sep'), ('γ', 'L_align')):
+        abl = f"{N['afd']} ({k}=0)"
+        if has(N['afd']) and has(abl):
+            claim(f'4. {loss} contributes: AFD beats AFD without it ({k} = 0) (%)',
+                  [(f'{m} AFD − ({k}=0)', *(x := _diff(sel(N['afd'], m), sel(abl, m))), _way(x[0], x[1])) for m in acc], 'any')
+    return pd.DataFrame(rows, columns=['claim', 'evidence', 'verdict'])
+
+# %% ../nbs/10b_report.ipynb #dee31582
+def progress(sweep_dir,   # runs/<sweep>
+             runs:list,   # the expanded runs of the config (`expand_runs`)
+            ) -> pd.DataFrame:
+    "Every planned run with its state: done, running, failed, or not started (no status.json yet)."
+    rows = []
+    for r in runs:
+        st = _read_json(Path(sweep_dir)/r['id']/'status.json', {}) or {}
+        rows.append(dict(run_id=r['id'], state=st.get('state') or 'not started', error=st.get('error')))
+    return pd.DataFrame(rows, columns=['run_id', 'state', 'error'])
+
 # %% ../nbs/10b_report.ipynb #bdc1eb5b
 def _setup_lines(res:pd.DataFrame) -> list[str]:
     out = []
@@ -372,10 +444,16 @@ def _summary_md(s:pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/10b_report.ipynb #8c79f8d6
 def _figures(L:list, sweep_dir:Path, res:pd.DataFrame, met:pd.DataFrame, cfg:dict):
     "Draw the figures into sweep_dir and add their sections (and the start/end table) to the report lines L."
-    fig = plot_curves(met, res, sweep_dir/'curves.png')
+    base = met[met['label'].eq(met['method'].map(lambda m: METHOD_NAMES.get(m, m)))] if len(met) else met
+    seeds = met.groupby('label')['seed'].transform('nunique') if len(met) else None
+    afd = met[met['method'].eq('afd') & (seeds > 1)] if len(met) else met
+    few = len(base) == len(met)                          # no variants: one figure holds everything
+    fig = plot_curves(met if few else base, res, sweep_dir/'curves.png')
     if fig is not None:
         plt.close(fig); L += ['## Accuracy per epoch', '', '![accuracy per epoch](curves.png)', '']
-    fig = plot_gap(met, res, sweep_dir/'gap.png')
+    if not few and afd['label'].nunique() > 1 and (fig := plot_curves(afd, res, sweep_dir/'curves_afd.png')) is not None:
+        plt.close(fig); L += ['AFD and its ablations:', '', '![AFD and its ablations per epoch](curves_afd.png)', '']
+    fig = plot_gap(met if few else base[base['method'].isin(['vaft', 'rgkd', 'arrest', 'afd'])], res, sweep_dir/'gap.png')
     if fig is not None:
         plt.close(fig); L += ['## Feature gap per epoch (paper Fig. 1a)', '', '![feature gap per epoch](gap.png)', '']
     if len(met) and 'epoch' in met:
@@ -399,7 +477,8 @@ def write_report(sweep_dir,       # runs/<sweep>
     if cfg.get('description'): L += [str(cfg['description']).strip(), '']
     L += [f"Generated {datetime.now().isoformat(timespec='seconds')}" + (f" from `{cfg['source']}`" if cfg.get('source') else '')
           + f" with `afd-sweep`. Runs: {len(runs) if runs is not None else len(res)} in the config, "
-          + (f"{int(res['state'].eq('done').sum())} done, {int(res['state'].eq('failed').sum())} failed." if len(res) else 'none started yet.'), '']
+          + (', '.join(f'{n} {s}' for s, n in res['state'].value_counts().items()) + (f', {len(runs) - len(res)} not started' if runs is not None else '') + '.'
+             if len(res) else 'none started yet.'), '']
     if not len(res):
         _atomic_write_text(sweep_dir/'report.md', '\n'.join(L) + '\n'); return sweep_dir/'report.md'
     _atomic_write_text(sweep_dir/'results.csv', res.to_csv(index=False))
@@ -422,9 +501,18 @@ def write_report(sweep_dir,       # runs/<sweep>
     met = collect_metrics(sweep_dir, res)
     if len(met): _atomic_write_text(sweep_dir/'epochs.csv', met.to_csv(index=False))
     _figures(L, sweep_dir, res, met, cfg)
+    cl = claims_table(res, met)
+    if len(cl):
+        _atomic_write_text(sweep_dir/'claims.csv', cl.to_csv(index=False))
+        L += ["## The paper's claims at this scale", '', _md(cl, index=False), '',
+              'Δ ± se over seeds; a comparison counts when |Δ| > 2 se (see 10b_report); only finished runs count.', '']
     cols = [c for c in ['run_id', 'label', 'seed', 'state', 'Clean', 'PGD', 'AA', 'Avg', 'elapsed_s', 'cpu_s', 'attempts'] if c in res]
     L += ['## Runs', '', _md(res[cols], index=False), '']
-    bad = res[res['state'].ne('done')]
-    if len(bad): L += ['## Failures', ''] + [f"* `{r.run_id}` ({r.state}): {r.error}" for r in bad.itertuples()] + ['']
+    bad = res[res['state'].eq('failed')]
+    if len(bad): L += ['## Failures', ''] + [f"* `{r.run_id}`: {r.error}" for r in bad.itertuples()] + ['']
+    todo = progress(sweep_dir, runs) if runs is not None else res[['run_id', 'state']]
+    if len(todo := todo[~todo['state'].isin(['done', 'failed'])]):
+        L += ['## Not finished yet', '', f"{len(todo)} of the {len(runs) if runs is not None else len(res)} runs; "
+              'the tables and figures above leave them out:', ''] + [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
     _atomic_write_text(sweep_dir/'report.md', '\n'.join(L))
     return sweep_dir/'report.md'
