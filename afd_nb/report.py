@@ -418,7 +418,7 @@ def _setup_lines(res:pd.DataFrame) -> list[str]:
         aa = g['aa'].dropna() if 'aa' in g else pd.Series(dtype=object)
         naa = g['n_aa'].dropna() if 'n_aa' in g else pd.Series(dtype=float)
         s += (f"; AutoAttack ({', '.join(sorted(set(aa)))}) on the first {int(naa.max()) if len(naa) else '?'} of them"
-              if len(aa) else '; no AutoAttack')
+              if len(aa) else '; no AutoAttack' if 'Clean' in g and g['Clean'].notna().any() else '; final evaluation pending')
         out.append(s + '.')
     return out
 
@@ -513,6 +513,6 @@ def write_report(sweep_dir,       # runs/<sweep>
     todo = progress(sweep_dir, runs) if runs is not None else res[['run_id', 'state']]
     if len(todo := todo[~todo['state'].isin(['done', 'failed'])]):
         L += ['## Not finished yet', '', f"{len(todo)} of the {len(runs) if runs is not None else len(res)} runs; "
-              'the tables and figures above leave them out:', ''] + [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
+              'the tables and verdicts above leave them out, the per-epoch figures show the epochs they have logged:', ''] + [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
     _atomic_write_text(sweep_dir/'report.md', '\n'.join(L))
     return sweep_dir/'report.md'
