@@ -23,7 +23,8 @@ def run(name: str, out: Path, **params) -> nbformat.NotebookNode:
     out.mkdir(parents=True, exist_ok=True)
     dst = out/f'{name}.ipynb'
     pm.execute_notebook(str(EXP/f'{name}.ipynb'), str(dst), parameters=dict(params, out_dir=str(out)), kernel_name='python3',
-                        progress_bar=False, cwd=str(out), extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
+                        progress_bar=False, cwd=str(out), start_timeout=300,   # a busy machine can take minutes to start a kernel
+                        extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
     return nbformat.read(dst, as_version=4)
 
 
@@ -76,7 +77,8 @@ def test_finetune_writes_metrics_and_checkpoints(finetuned):
     assert (cfg['seed'], cfg['alpha'], cfg['n_train'], cfg['method']) == (1234, 0.0123, 64, 'afd')   # injected values took effect
     rows = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in rows] == [0, 1] and rows[1]['step'] == 2              # 64 images / batch 32
-    assert rows[1]['gap']['linf'] > 0 and 'd1_linf' in rows[1]['gap'] and 0 <= rows[1]['pgd_acc'] <= rows[1]['clean_acc'] + 1e-9
+    assert rows[1]['gap']['linf'] > 0 and 'd1_linf' in rows[1]['gap']
+    assert 0 <= rows[1]['pgd_acc'] <= 1 and 0 <= rows[1]['clean_acc'] <= 1   # fractions (PGD <= clean is likely, not guaranteed)
     summ = json.loads((out/'finetune.json').read_text())
     assert summ['config']['seed'] == 1234 and summ['device_name'].startswith('CPU')
     from afd_nb.models import build_model, load_checkpoint
@@ -89,8 +91,9 @@ def test_evaluate_notebook(finetuned):
     ev = json.loads((out/'eval.json').read_text())
     assert ev['n'] == 24 and ev['n_aa'] == 6 and ev['config']['seed'] == 77 and ev['config']['pgd']['steps'] == 2
     assert ev['config']['autoattack']['version'] == 'standard'
-    assert 0 <= ev['PGD'] <= ev['Clean'] <= 100 and ev['AA'] <= ev['aa_subset']['Clean']
-    assert ev['Avg'] == pytest.approx((ev['Clean'] + ev['PGD'] + ev['AA']) / 3)
+    assert 0 <= ev['PGD'] <= 100 and 0 <= ev['Clean'] <= 100
+    assert ev['AA'] <= ev['aa_subset']['Clean']     # AutoAttack attacks only the correctly classified images: by construction
+    assert ev['Avg'] == (ev['Clean'] + ev['PGD'] + ev['AA']) / 3   # the notebook's own float64 expression, same order: exact
 
 
 def test_feature_gap_notebook(finetuned):
