@@ -25,10 +25,12 @@ test: $(STAMP)
 # GPU check (nbs/15_gpucheck.ipynb): one command for a short window on one GPU, no install step. On a bare GPU
 # machine carry data/cifar10_jpeg.npz (a copy, not a link) and .whl/ (from `make gpu-wheels`, run where pip works).
 .PHONY: gpu-check gpu-wheels
-GPU_BUDGET ?= 480
-GPU_OUT    ?= results/gpu/$(shell date -u +%Y%m%d-%H%M%S)
+# The check stops itself at GPU_BUDGET s; `timeout` (budget + 60 s for Python, CUDA and the data to start) is the backstop.
+GPU_BUDGET  ?= 480
+GPU_TIMEOUT ?= 540
+GPU_OUT     ?= results/gpu/$(shell date -u +%Y%m%d-%H%M%S)
 gpu-check:
-	PYTHONPATH=.:.whl/site$${PYTHONPATH:+:$$PYTHONPATH} python3 -m afd_nb.gpucheck --budget $(GPU_BUDGET) --out $(GPU_OUT)
+	PYTHONPATH=.:.whl/site$${PYTHONPATH:+:$$PYTHONPATH} timeout -k 15 $(GPU_TIMEOUT) python3 -m afd_nb.gpucheck --budget $(GPU_BUDGET) --out $(GPU_OUT)
 
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl/dl .whl/site
