@@ -211,12 +211,14 @@ def _data_files(flavour: str) -> list[dict]:
 # %% ../nbs/15_gpucheck.ipynb #b8320e98
 _OUTCOME = re.compile(r'^(tests/\S+::\S+)\s+(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b(.*?)(?:\s+\[\s*\d+%\])?$')
 _DURATION = re.compile(r'^([\d.]+)s (call|setup|teardown)\s+(tests/\S+::\S+)')
+_ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
 
 def parse_pytest(lines: list[str]) -> list[dict]:
     "Per test: name, outcome, skip reason, seconds, and what it printed (from `pytest -v -rA --durations=0` output)."
     tests, printed, cur = {}, {}, None
     for ln in lines:
+        ln = _ANSI.sub('', ln)        # colour codes, should a terminal setting force them despite --color=no
         if m := _OUTCOME.match(ln): tests[m[1]] = dict(test=m[1], outcome=m[2], detail=m[3].strip(' ()'), seconds=0.0)
         elif m := _DURATION.match(ln):
             if m[3] in tests: tests[m[3]]['seconds'] = round(tests[m[3]]['seconds'] + float(m[1]), 2)
@@ -252,7 +254,7 @@ def stage_tests(ctx, res: dict):
     cap = min(ctx.share('tests'), ctx.budget.left() - ctx.reserve_after('tests'))
     if cap < 10: res['status'] = f'skipped: only {cap:.0f} s of budget for the GPU tests'; return
     cmd = [sys.executable, '-m', 'pytest', '-m', 'gpu', str(tests.relative_to(ctx.root)), '-v', '-rA', '--durations=0',
-           '-p', 'no:cacheprovider', '-W', 'ignore::DeprecationWarning'] + (['-k', ctx.size['tests_k']] if ctx.size['tests_k'] else [])
+           '--color=no', '-p', 'no:cacheprovider', '-W', 'ignore::DeprecationWarning'] + (['-k', ctx.size['tests_k']] if ctx.size['tests_k'] else [])
     env = dict(os.environ, AFD_GPU_TEST_DEVICE=str(ctx.device), AFD_GPU_TEST_FLAVOUR=ctx.flavour, PYTHONUNBUFFERED='1',
                PYTHONPATH=os.pathsep.join(p for p in [str(ctx.root), os.environ.get('PYTHONPATH', '')] if p))
     res.update(command=' '.join(cmd), cap_s=round(cap))
@@ -511,7 +513,7 @@ def extrapolate(res: dict,                                 # results of the run 
         rows.append(dict(run=run['id'], epochs=e, s=s))
     total = sum(r['s'] for r in rows)
     return dict(preset=str(preset), total_h=total / 3600, rows=rows, units=u, note=(
-        'per-image costs measured on CIFAR-10-sized ResNet-18 epochs (fp32, TF32 off); Tiny-ImageNet scaled by 2x images and '
+        f"per-image costs measured on CIFAR-10-sized {res.get('arch', '?')} epochs (fp32, TF32 off); Tiny-ImageNet scaled by 2x images and "
         '4x pixels; ARREST/RGKD as vAFT + one teacher forward; AutoAttack ' + ('measured on the short AFD model' if u['aa_measured']
         else "estimated by pass count for the paper's AFD accuracies (84.88 clean, 47.40 AA)")))
 

@@ -21,6 +21,26 @@ def test_entry_point_and_refusals():
         assert r.returncode != 0 and 'CUDA is not available here; use --device cpu' in r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU behaviour of the gpu marker')
+def test_gpu_marker_deselected_by_default_and_skipped_with_reason():
+    env = {k: v for k, v in os.environ.items() if k != 'AFD_GPU_TEST_DEVICE'}
+    run = lambda *a: subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-p', 'no:cacheprovider', *a],
+                                    capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    r = run('--collect-only', '-q')                        # default: the gpu set is deselected (pyproject addopts)
+    assert r.returncode == 0 and 'deselected' in r.stdout and 'test_pgd_matches_cpu_float64' not in r.stdout, r.stdout[-1500:]
+    r = run('-m', 'gpu', '-q')                             # selected on a CPU: every test skips, and says why
+    assert r.returncode == 0 and ' passed' not in r.stdout and 'SKIPPED' in r.stdout, r.stdout[-1500:]
+    assert 'needs a CUDA device: run by `make gpu-check`' in r.stdout, r.stdout[-1500:]
+
+
+def test_shares_follow_the_stages_selected():
+    from afd_nb.gpucheck import GpuCheck, SIZES
+    mk = lambda stages: GpuCheck(torch.device('cpu'), Budget(100), Path('.'), Path('.'), Path('.'), size=SIZES['gpu'], stages=stages)
+    assert mk(STAGES).share('tests') == pytest.approx(35) and mk(STAGES).share('bench') == pytest.approx(15)
+    assert mk(('bench', 'run')).share('bench') == pytest.approx(100 * 0.15 / 0.65)   # run: what tests and bench leave (0.50)
+    assert mk(('bench',)).share('bench') == pytest.approx(100)
+
+
 def test_hard_stop_interrupts_work():
     b = Budget(0.6)
     t0 = time.monotonic()
