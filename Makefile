@@ -21,3 +21,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/check.sh
+
+# GPU check (nbs/15_gpucheck.ipynb): one command for a short window on one GPU, no install step. On a bare GPU
+# machine carry data/cifar10_jpeg.npz (a copy, not a link) and .whl/ (from `make gpu-wheels`, run where pip works).
+.PHONY: gpu-check gpu-wheels
+# The check stops itself at GPU_BUDGET s; `timeout` (budget + 60 s for Python, CUDA and the data to start) is the backstop.
+GPU_BUDGET  ?= 480
+GPU_TIMEOUT ?= 540
+GPU_OUT     ?= results/gpu/$(shell date -u +%Y%m%d-%H%M%S)
+gpu-check:
+	PYTHONPATH=.:.whl/site$${PYTHONPATH:+:$$PYTHONPATH} timeout -k 15 $(GPU_TIMEOUT) python3 -m afd_nb.gpucheck --budget $(GPU_BUDGET) --out $(GPU_OUT)
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl/dl .whl/site
+	printf 'pyautoattack==0.2.0 --hash=sha256:ce84de323b52ca109949d07a9df8e2f1072a8742bd951a020a678259f93f652d\ntorchattacks==3.5.1 --hash=sha256:10c1b05f3a0b52869a91dfa9f9d5adf613750276a15f41fdbd361127cc6bd703\n' > .whl/requirements.txt
+	python3 -m pip download --no-deps --only-binary=:all: --require-hashes -r .whl/requirements.txt -d .whl/dl
+	python3 -c "import glob, zipfile; [z.extractall('.whl/site', [n for n in z.namelist() if '/examples/' not in n]) for z in map(zipfile.ZipFile, glob.glob('.whl/dl/*.whl'))]"
+	rm -rf .whl/dl && du -sh .whl

@@ -12,10 +12,12 @@ from .data import get_dataset, BatchLoader
 from .models import ARCHS, PRETRAINED, build_model, load_pretrained
 from .attacks import pgd, accuracy, robust_accuracy, TRAIN_PGD, EVAL_PGD20
 from .disentangle import Disentangled
+from .evaluate import tf32_flags, use_tf32
 from .train import METHODS, ModelEMA, Run, TrainConfig
 
 # %% auto #0
-__all__ = ['TRAIN_CASES', 'TORCHATTACKS', 'predicted_cost', 'hardware', 'PeakMemory', 'bench', 'format_table', 'main']
+__all__ = ['TRAIN_CASES', 'TORCHATTACKS', 'predicted_cost', 'hardware', 'PeakMemory', 'state_mib', 'bench', 'precision',
+           'format_table', 'main']
 
 # %% ../nbs/11_bench.ipynb #f7741fc7
 def predicted_cost(method: str = 'vaft',    # 'vaft' or 'afd'
@@ -37,16 +39,19 @@ def _cpu_name() -> str:
 
 
 def hardware(device: str | torch.device = 'cpu') -> dict:
-    "The machine a result comes from: CPU model, threads, GPU, torch version and load average."
+    "The machine a result comes from: CPU model, threads, GPU, torch/CUDA/cuDNN versions, TF32 switches, load average."
     dev = torch.device(device)
     info = dict(cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), device=str(dev))
-    if dev.type == 'cuda': info.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)
+                python=platform.python_version(), device=str(dev), tf32=tf32_flags())
+    if dev.type == 'cuda':
+        p = torch.cuda.get_device_properties(dev)
+        info.update(gpu=p.name, capability=f'{p.major}.{p.minor}', gpu_mib=p.total_memory // 2 ** 20, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
     try: info['load_avg'] = [round(v, 2) for v in os.getloadavg()]
     except OSError: pass
     return info
 
-
+# %% ../nbs/11_bench.ipynb #9b3f1bd4
 def _sync(dev: torch.device):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
@@ -65,13 +70,13 @@ def _reset_peak_rss() -> bool:
 
 
 class PeakMemory:
-    "Context manager: peak memory of the block in MiB (`.mib`) and how it was measured (`.how`)."
-    def __init__(self, device: str | torch.device = 'cpu'): self.dev, self.mib, self.how = torch.device(device), None, ''
+    "Context manager: memory the block allocates on top of what was resident, in MiB (`.mib`), and how it was measured (`.how`)."
+    def __init__(self, device: str | torch.device = 'cpu'): self.dev, self.mib, self.peak_mib, self.how = torch.device(device), None, None, ''
 
     def __enter__(self):
         if self.dev.type == 'cuda':
-            _sync(self.dev); torch.cuda.reset_peak_memory_stats(self.dev)
-            self.how = 'torch.cuda.max_memory_allocated (absolute peak)'
+            _sync(self.dev); torch.cuda.reset_peak_memory_stats(self.dev); self.base = torch.cuda.memory_allocated(self.dev)
+            self.how = 'growth of torch.cuda.max_memory_allocated over the memory allocated at the start of the case'
         elif _reset_peak_rss() and _status_kib('VmHWM') is not None:
             self.rss0, self.how = _status_kib('VmRSS'), 'growth of peak RSS (VmHWM reset via /proc/self/clear_refs)'
         else:
@@ -81,10 +86,26 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.dev.type == 'cuda':
-            _sync(self.dev); self.mib = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20
+            _sync(self.dev); self.peak_mib = torch.cuda.max_memory_allocated(self.dev) / 2 ** 20
+            self.mib = self.peak_mib - self.base / 2 ** 20
         elif self.rss0 is not None: self.mib = max(_status_kib('VmHWM') - self.rss0, 0) / 1024
         else: self.mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.max0) / 1024   # KiB on Linux
         return False
+
+
+def state_mib(*objs) -> float:
+    "MiB of the distinct tensors held by modules (parameters, gradients, buffers), optimizers (state) and `ModelEMA`s."
+    seen = {}
+    def add(t):
+        if isinstance(t, torch.Tensor): seen[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+    for o in objs:
+        if isinstance(o, ModelEMA): o = o.module
+        if isinstance(o, nn.Module):
+            for t in [*o.parameters(), *o.buffers()]: add(t); add(t.grad)
+        elif isinstance(o, torch.optim.Optimizer):
+            for st in o.state.values():
+                for t in st.values(): add(t)
+    return sum(seen.values()) / 2 ** 20
 
 # %% ../nbs/11_bench.ipynb #ec79dfcc
 TRAIN_CASES = (('vAFT step', 'vaft', 'official'), ('AFD official step', 'afd', 'official'),
@@ -93,10 +114,10 @@ TORCHATTACKS = 'PGD-10 torchattacks.PGD'
 
 
 def _train_step(method: str, rule: str, model: nn.Module, teacher: nn.Module, x, y, amp: bool, channels_last: bool):
-    "One `fine_tune` step of `method` (own copy of the model, optimizers and EMA); returns the step as a closure."
+    "One `fine_tune` step of `method` (own copy of the model, optimizers and EMA) as a closure; `.state` gives its MiB."
     dev = x.device
     cfg = TrainConfig(method=method, update_rule=rule, arch=model.arch, batch_size=len(x), device=str(dev), amp=amp,
-                      channels_last=channels_last).resolved()
+                      channels_last=channels_last, tf32=tf32_flags()['cudnn']).resolved()   # tf32: recorded; `bench` sets it
     m = METHODS[cfg.method]
     net = copy.deepcopy(model)
     net = (Disentangled(net) if m.disentangle else net).to(dev)
@@ -108,14 +129,19 @@ def _train_step(method: str, rule: str, model: nn.Module, teacher: nn.Module, x,
         m.step(run, x, y)
         if run.ema is not None: run.ema.update(net)
         run.step += 1
+    step.state = lambda: state_mib(net, *run.opts.values(), *[o for o in (run.ema, run.teacher) if o is not None])
     return step
 
 
-def _cases(model: nn.Module, x, y, amp: bool, channels_last: bool, loader: BatchLoader) -> dict:
-    "name -> (kind, closure) for every case of the benchmark."
+def _cases(model: nn.Module, x, y, amp: bool, channels_last: bool, loader: BatchLoader) -> tuple[dict, dict]:
+    "name -> (kind, closure) for every case of the benchmark, and name -> reason for the cases left out."
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters(): p.requires_grad_(False)
-    cases = {name: ('train', _train_step(meth, rule, model, teacher, x, y, amp, channels_last)) for name, meth, rule in TRAIN_CASES}
+    cases, skipped = {}, {}
+    for name, meth, rule in TRAIN_CASES:
+        if amp and meth == 'afd' and rule == 'official':   # TrainConfig refuses it: see notebook 15, "AMP and the official rule"
+            skipped[name] = "amp with update_rule='official' is refused by TrainConfig (autocast breaks its legacy semantics)"
+        else: cases[name] = ('train', _train_step(meth, rule, model, teacher, x, y, amp, channels_last))
     target = copy.deepcopy(model).eval()                  # the attacked model: same for both PGDs, never updated
     pgd_args = dict(eps=TRAIN_PGD['eps'], step_size=TRAIN_PGD['step_size'], steps=TRAIN_PGD['steps'])
     cases['PGD-10 afd_nb.attacks.pgd'] = ('attack', lambda: pgd(target, x, y, random_start=True, **pgd_args))
@@ -123,12 +149,12 @@ def _cases(model: nn.Module, x, y, amp: bool, channels_last: bool, loader: Batch
         import torchattacks
         atk = torchattacks.PGD(target, eps=pgd_args['eps'], alpha=pgd_args['step_size'], steps=pgd_args['steps'], random_start=True)
         cases[TORCHATTACKS] = ('attack', lambda: atk(x, y))
-    except ImportError: print('torchattacks is not installed (pip install torchattacks==3.5.1): its row is skipped')
+    except ImportError: skipped[TORCHATTACKS] = 'torchattacks is not installed (pip install torchattacks==3.5.1)'
     if amp: cases['PGD-10 afd_nb.attacks.pgd bf16'] = ('attack', lambda: pgd(target, x, y, amp_dtype=torch.bfloat16, **pgd_args))
     cases['eval: clean forward'] = ('eval', lambda: accuracy(target, x, y, batch_size=len(x)))
     cases['eval: PGD-20'] = ('eval', lambda: robust_accuracy(target, x, y, batch_size=len(x), **EVAL_PGD20))
     cases['data: BatchLoader batch'] = ('data', lambda: next(iter(loader)))
-    return cases
+    return cases, skipped
 
 # %% ../nbs/11_bench.ipynb #1af5906d
 def bench(arch: str = 'resnet20',      # model: resnet18, wrn34_10, resnet20/32/44/56
@@ -142,45 +168,68 @@ def bench(arch: str = 'resnet20',      # model: resnet18, wrn34_10, resnet20/32/
           epochs: int = 20, n_train: int = 50_000, # the fine-tune to project: epochs × images
           data_root: str | None = None, # data folder tried first (then $AFD_DATA, data/)
           seed: int = 0,
+          tf32: bool = False,          # TF32 matmuls/convolutions on CUDA (False: full fp32, the reference)
+          flavour: str = 'exact',      # CIFAR-10 flavour of the batch: exact, jpeg or full
+          pretrained: bool = True,     # pretrained weights where they exist (resnet20..56); False: random init
+          max_seconds: float | None = None, # stop timing once the benchmark has run this long (>= 1 timed round)
          ) -> dict:
     "Time every case (interleaved rounds, median) and return settings, hardware and one row per case."
     if arch not in ARCHS: raise ValueError(f'unknown arch {arch!r}; valid: {", ".join(ARCHS)}')
     if batch < 1 or repeats < 1 or warmup < 1: raise ValueError('batch, repeats and warmup must all be >= 1')
+    t_start, dev, bench_prev = time.perf_counter(), torch.device(device), torch.backends.cudnn.benchmark
     if threads: torch.set_num_threads(threads)
-    dev = torch.device(device)
-    if dev.type == 'cuda': torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
+    with use_tf32(tf32):
+        torch.backends.cudnn.benchmark = dev.type == 'cuda'
+        try: res = _bench(arch, batch, dev, repeats, warmup, amp, channels_last, epochs, n_train, data_root, seed, flavour, pretrained, max_seconds, t_start)
+        finally: torch.backends.cudnn.benchmark = bench_prev
+    res['settings']['tf32'] = tf32
+    return res
+
+# %% ../nbs/11_bench.ipynb #3602465e
+def _bench(arch, batch, dev, repeats, warmup, amp, channels_last, epochs, n_train, data_root, seed, flavour, pretrained, max_seconds, t_start) -> dict:
     settings = dict(arch=arch, batch=batch, device=str(dev), repeats=repeats, warmup=warmup, amp=amp,
                     channels_last=channels_last, pgd_train=dict(TRAIN_PGD, random_start=True), pgd_eval=EVAL_PGD20,
                     projection=dict(epochs=epochs, n_train=n_train))
     hw = hardware(dev)
-    ds = get_dataset('cifar10', 'train', flavour='exact', root=data_root)
+    ds = get_dataset('cifar10', 'train', flavour=flavour, root=data_root)
     loader = BatchLoader(ds, batch, shuffle=True, augment=True, seed=seed, device=dev, pin_memory=dev.type == 'cuda')
     x, y = next(iter(loader))
-    model = (load_pretrained(arch, root=data_root) if arch in PRETRAINED else build_model(arch, 10)).to(dev)
-    settings['weights'] = 'pretrained' if arch in PRETRAINED else 'random init'
-    settings['data'] = f'{ds.describe()}, augmented'
+    use_pre = pretrained and arch in PRETRAINED
+    model = (load_pretrained(arch, root=data_root) if use_pre else build_model(arch, 10)).to(dev)
+    settings.update(weights='pretrained' if use_pre else 'random init', data=f'{ds.describe()}, augmented')
     if channels_last: model.to(memory_format=torch.channels_last); x = x.contiguous(memory_format=torch.channels_last)
-    cases = _cases(model, x, y, amp, channels_last, loader)
+    cases, settings['skipped'] = _cases(model, x, y, amp, channels_last, loader)
     mem, how = {}, ''
     for w in range(warmup):                                        # warm-up rounds; the last one measures memory
         for name, (kind, fn) in cases.items():
             if w < warmup - 1: fn(); continue
             with PeakMemory(dev) as pm: fn()
-            mem[name], how = pm.mib, pm.how
+            mem[name], how = pm, pm.how
     times, cpu = {name: [] for name in cases}, {name: [] for name in cases}
-    for _ in range(repeats):                                       # interleaved timed rounds
+    for r in range(repeats):                                       # interleaved timed rounds
         for name, (kind, fn) in cases.items():
             _sync(dev); c0, t0 = time.process_time(), time.perf_counter()
             fn(); _sync(dev)
             times[name].append(time.perf_counter() - t0); cpu[name].append(time.process_time() - c0)
+        if max_seconds is not None and time.perf_counter() - t_start > max_seconds: break
+    settings['rounds'] = len(times['vAFT step'])
+    rows = _rows(cases, times, cpu, mem, batch, epochs, n_train)
+    hw['load_avg_end'] = hardware(dev).get('load_avg')
+    return dict(settings=settings, hardware=hw, memory=how, rows=rows)
+
+# %% ../nbs/11_bench.ipynb #fbb90eff
+def _rows(cases, times, cpu, mem, batch, epochs, n_train) -> list[dict]:
+    "One result row per case: medians, rates, ratios, memory and the projected fine-tune."
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     rows = []
     for name, (kind, fn) in cases.items():
-        r = dict(case=name, kind=kind, ms=1e3 * med[name], images_per_s=batch / med[name], peak_mib=mem[name],
+        r = dict(case=name, kind=kind, ms=1e3 * med[name], images_per_s=batch / med[name], peak_mib=mem[name].mib,
                  spread=(max(times[name]) - min(times[name])) / med[name], times=times[name], cpu_ms=1e3 * cmed[name], cpu_times=cpu[name])
+        if mem[name].peak_mib is not None: r['abs_peak_mib'] = mem[name].peak_mib
         if kind == 'train':
+            r['state_mib'] = fn.state()
             r['vs_vaft'], r['cpu_vs_vaft'] = med[name] / med['vAFT step'], cmed[name] / cmed['vAFT step']
             r['epoch_s'] = n_train / r['images_per_s']
             r['projected_h'] = epochs * r['epoch_s'] / 3600
@@ -189,41 +238,48 @@ def bench(arch: str = 'resnet20',      # model: resnet18, wrn34_10, resnet20/32/
         if kind == 'attack' and TORCHATTACKS in med:
             r['speed_vs_torchattacks'], r['cpu_speed_vs_torchattacks'] = med[TORCHATTACKS] / med[name], cmed[TORCHATTACKS] / cmed[name]
         rows.append(r)
-    hw['load_avg_end'] = hardware(dev).get('load_avg')
-    return dict(settings=settings, hardware=hw, memory=how, rows=rows)
+    return rows
 
 # %% ../nbs/11_bench.ipynb #2355e7cb
 def _f(v, fmt): return '' if v is None else format(v, fmt)
+
+
+def precision(s: dict) -> str:
+    "The numeric mode of a `bench` result's settings, e.g. 'fp32 (TF32 off)' or 'bf16 autocast, channels_last'."
+    p = 'bf16 autocast' if s['amp'] else 'fp32 + TF32' if s.get('tf32') else 'fp32 (TF32 off)'
+    return p + (', channels_last' if s['channels_last'] else '')
 
 
 def format_table(res: dict) -> str:
     "Markdown table of a `bench` result with hardware, settings and targets."
     s, hw = res['settings'], res['hardware']
     cpu = 'gpu' not in hw
-    where = (f"{hw['gpu']} (CUDA {hw['cuda']})" if not cpu else
+    where = (f"{hw['gpu']} (CUDA {hw['cuda']}, cuDNN {hw.get('cudnn')})" if not cpu else
              f"{hw['cpu']}, {hw['torch_threads']} torch thread(s) on {hw['cpu_count']} CPUs")
-    prec = 'bf16 autocast' if s['amp'] else 'fp32'
     two = lambda r, a, b, fmt: '' if a not in r else f"{r[a]:{fmt}}" + (f" · {r[b]:{fmt}}" if cpu else '')
-    lines = [f"**{s['arch']}** ({s['weights']}), batch {s['batch']}, {s['device']}: {where}; torch {hw['torch']}, {prec}"
-             + (', channels_last' if s['channels_last'] else '') + f"; median of {s['repeats']} interleaved rounds after "
+    mem = lambda r: _f(r['peak_mib'], '.0f') if 'state_mib' not in r else f"{r['state_mib']:.0f} + {r['peak_mib']:.0f}"
+    lines = [f"**{s['arch']}** ({s['weights']}), batch {s['batch']}, {s['device']}: {where}; torch {hw['torch']}, {precision(s)}"
+             f"; median of {s.get('rounds', s['repeats'])} interleaved rounds after "
              f"{s['warmup']} warm-up round(s); load average {hw.get('load_avg')} at start, {hw.get('load_avg_end')} at end.",
              '',
              '| case | images/s | ms / batch' + (' | CPU ms / batch' if cpu else '') + ' | spread | time / vAFT step'
              + (' (wall · CPU)' if cpu else '') + ' | predicted | speed / torchattacks' + (' (wall · CPU)' if cpu else '')
-             + f" | peak MiB | {s['projection']['epochs']} epochs × {s['projection']['n_train'] // 1000}k |",
+             + f" | MiB: state + work | {s['projection']['epochs']} epochs × {s['projection']['n_train'] // 1000}k |",
              '|---|---:|---:|' + ('---:|' if cpu else '') + '---:|---:|---:|---:|---:|---:|']
     for r in res['rows']:
         proj = f"{r['projected_h']:.2f} h" if 'projected_h' in r else ''
         lines.append(f"| {r['case']} | {r['images_per_s']:.1f} | {r['ms']:.0f}" + (f" | {r['cpu_ms']:.0f}" if cpu else '')
                      + f" | {100 * r['spread']:.0f}% | {two(r, 'vs_vaft', 'cpu_vs_vaft', '.3f')} | {_f(r.get('predicted_vs_vaft'), '.3f')} | "
-                     f"{two(r, 'speed_vs_torchattacks', 'cpu_speed_vs_torchattacks', '.3f')} | {_f(r['peak_mib'], '.0f')} | {proj} |")
-    lines += ['', f"Peak memory: {res['memory']}. Spread: (max − min) / median of the wall times of the timed rounds. "
+                     f"{two(r, 'speed_vs_torchattacks', 'cpu_speed_vs_torchattacks', '.3f')} | {mem(r)} | {proj} |")
+    for name, why in s.get('skipped', {}).items(): lines.append(f"| {name} | – | –" + (' | –' if cpu else '') + f' | | {why} | | | | |')
+    lines += ['', f"Memory: state = weights, gradients, optimizer state, EMA and teacher of a training case (counted from its tensors); "
+              f"work = {res['memory']}. Spread: (max − min) / median of the wall times of the timed rounds. "
               + ('CPU: process CPU time (all threads), less sensitive than wall time to other processes on a shared machine. ' if cpu else '')
               + 'Predicted: pass count of notebook 11 (input-only backward ≈ 1 forward, full backward ≈ 2). Targets: AFD step ≤ 1.10× '
               'the vAFT step; our PGD ≥ 1.00× the speed of torchattacks.PGD (same model, ε 8/255, step 0.007, 10 steps, random start).']
     return '\n'.join(lines)
 
-
+# %% ../nbs/11_bench.ipynb #b252a145
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m afd_nb.bench', description='Throughput of AFD / vAFT training steps, PGD and evaluation.')
     p.add_argument('--arch', default='resnet20', choices=ARCHS)
@@ -232,8 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--repeats', type=int, default=5, help='timed rounds (median reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed rounds of every case before timing (>= 1; the last measures memory)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast in the training steps')
+    p.add_argument('--tf32', action='store_true', help='allow TF32 matmuls and convolutions (default: full fp32)')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--flavour', default='exact', choices=('exact', 'jpeg', 'full'), help='CIFAR-10 flavour of the batch')
+    p.add_argument('--random-init', action='store_true', help='random weights even where pretrained ones exist')
     p.add_argument('--data-root', default=None)
     p.add_argument('--out', default=None, help='also write OUT.md and OUT.json')
     return p
@@ -243,7 +302,8 @@ def main(argv: list[str] | None = None # command line arguments (default: sys.ar
         ) -> dict:
     "Command line entry point: run `bench`, print the table, optionally write Markdown and JSON."
     a = _parser().parse_args(argv)
-    res = bench(a.arch, a.batch, a.device, a.repeats, a.warmup, a.amp, a.channels_last, a.threads, data_root=a.data_root)
+    res = bench(a.arch, a.batch, a.device, a.repeats, a.warmup, a.amp, a.channels_last, a.threads, data_root=a.data_root,
+                tf32=a.tf32, flavour=a.flavour, pretrained=not a.random_init)
     table = format_table(res)
     print(table)
     if a.out:

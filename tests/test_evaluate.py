@@ -133,3 +133,52 @@ def test_disentangled_and_folded_models(resnet20, xy):
     rf = evaluate(fold(dis.eval()), x, y, **kw)
     assert {k: rd[k] for k in ('Clean', 'PGD', 'AA')} == {k: rf[k] for k in ('Clean', 'PGD', 'AA')}
     assert rd['Clean'] == pytest.approx(_clean_acc(dis, x[:4], y[:4]))
+
+
+class _FakeAdversary:
+    "Stands in for AutoAttack: returns the clean images and claims that the images in `flip` were broken."
+    def __init__(self, model, flip): self.model, self.flip = model, set(flip)
+    def run_standard_evaluation(self, x, y, batch_size):
+        with torch.no_grad(): pred = self.model(x).argmax(1)
+        claimed = pred.clone()
+        for i in self.flip:
+            if i < len(y): claimed[i] = (y[i] + 1) % 10      # 'broken' by AutoAttack, right when re-scored (if pred == y)
+        return x.clone(), claimed
+
+
+def _with_fake_aa(monkeypatch, flip):
+    import afd_nb.evaluate as ev
+    monkeypatch.setattr(ev, 'make_autoattack', lambda model, *a, **k: _FakeAdversary(model, flip))
+    monkeypatch.setattr(ev, 'autoattack_config', lambda adv: dict(version='fake', name='fake'))
+
+
+def test_aa_rescore_disagreements_are_counted_then_refused(resnet20, xy, monkeypatch):
+    "One contradicted verdict in 64 images: a warning and a count (AA keeps AutoAttack's verdict); more than allowed: an error."
+    x, y = xy
+    with torch.no_grad(): right = (resnet20(x[:64]).argmax(1) == y[:64]).nonzero().flatten().tolist()
+    _with_fake_aa(monkeypatch, right[:1])
+    kw = dict(n=64, batch_size=64, pgd_steps=1, progress=False)
+    with pytest.warns(UserWarning, match='disagree on 1 of 64 images'):
+        r = evaluate(resnet20, x, y, **kw)
+    rs = r['aa_rescore']
+    assert (rs['disagreements'], rs['allowed'], rs['images']) == (1, 1, right[:1])
+    assert rs['rel_margins'][0] > 0                                   # the re-score says: correct, with this margin
+    assert r['AA'] == pytest.approx(r['Clean'] - 100 / 64) and rs['AA_rescored'] == pytest.approx(r['Clean'])
+    _with_fake_aa(monkeypatch, right[:2])
+    with pytest.raises(RuntimeError, match=r'disagree on 2 of the first 64 images \(allowed: 1'):
+        evaluate(resnet20, x, y, **kw)
+    with pytest.warns(UserWarning, match='allowed 3'):
+        r = evaluate(resnet20, x, y, aa_max_disagree=0.05, **kw)      # 5% of 64 -> 3 allowed
+    assert r['aa_rescore']['disagreements'] == 2 and r['aa_rescore']['allowed'] == 3
+
+
+def test_tf32_is_off_during_evaluation_and_restored(resnet20, xy):
+    "The evaluator runs in full fp32 by default, records the switches it ran with, and leaves the process as it was."
+    from afd_nb.evaluate import tf32_flags, use_tf32
+    x, y = xy
+    with use_tf32(True):
+        r = evaluate(resnet20, x, y, n=2, autoattack=False, pgd_steps=1, progress=False)
+        assert tf32_flags() == dict(matmul=True, cudnn=True)
+        r_on = evaluate(resnet20, x, y, n=2, autoattack=False, pgd_steps=1, progress=False, tf32=None)
+    assert r['config']['tf32'] == dict(matmul=False, cudnn=False) and r['config']['tf32_requested'] is False
+    assert r_on['config']['tf32'] == dict(matmul=True, cudnn=True) and r['aa_rescore'] is None
