@@ -21,3 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/check.sh
+
+# Re-execute every library notebook in nbs/ in place (CPU, one thread per kernel, 2 at a time) and save the outputs;
+# `make notebooks NB="nbs/07_baselines.ipynb nbs/index.ipynb"` runs only those.
+.PHONY: notebooks
+notebooks: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/run_notebooks.py $(NB)
