@@ -43,8 +43,8 @@ def _probs(tmp_path, nb):
     p = tmp_path / 'nb.ipynb'; p.write_text(json.dumps(nb)); return R.check_notebook(p)
 
 
-GOOD = [_cell('#| hide\nfrom fastcore.test import *'), _cell('print(7)', STREAM), _cell('x = 7\nx', RESULT),
-        _cell('import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2]);', IMAGE),
+GOOD = [_cell('#| hide\nfrom fastcore.test import *\nimport matplotlib.pyplot as plt'), _cell('print(7)', STREAM), _cell('x = 7\nx', RESULT),
+        _cell('fig, ax = plt.subplots()\nax.plot([1, 2]);', IMAGE),
         _cell('The figure above and the number printed above.', kind='markdown'),
         _cell('test_eq(x, 7)'), _cell('#| eval: false\nmain()'), _cell('')]
 
@@ -67,6 +67,7 @@ def test_checker_finds_each_defect(tmp_path):
     assert 'says "printed above"' in probs(lambda c: [c[i].update(outputs=[]) for i in (1, 2, 3)])
     assert 'says "table below"' in probs(lambda c: c.insert(5, _cell('The table below.', kind='markdown')))
     assert 'says "the heatmap"' in probs(lambda c: c.append(_cell('Row 3 of the heatmap.', kind='markdown')))
+    assert 'imports and also computes' in probs(lambda c: c[1].update(source='import math\nprint(7)'))
     hidden = [_cell('#| hide\nprint(1)', STREAM), _cell('The number printed above.', kind='markdown')]   # a docs reader cannot see it
     assert any('says "printed above"' in p for p in _probs(tmp_path, _nb(hidden)))
 
@@ -81,6 +82,16 @@ def test_checker_catches_edits_after_execution(tmp_path):
     assert _probs(tmp_path, edited) == []
     rec = nb['metadata'][R.KEY]['executed']; rec['execution_counts'] = [None, 1, 3, 2, 4, None, None]   # out of order
     assert any('not executed top to bottom' in p for p in _probs(tmp_path, nb))
+
+
+def test_cells_the_docs_build_would_rerun():
+    rerun = lambda src, **kw: R.reexecuted_by_docs(_cell(src, **kw))
+    assert rerun('import torch\nx = torch.zeros(3)')
+    assert rerun('#| hide\nfrom afd_nb.data import get_dataset\nds = get_dataset("cifar10")')   # hidden cells run too
+    assert not rerun('import torch\nfrom pathlib import Path')
+    assert not rerun('import torch\ndef f(): return torch.zeros(1)')
+    assert not rerun('#| export\nimport torch\nEPS = 8 / 255')                  # exported cells are library code
+    assert not rerun('x = 1\nprint(x)')
 
 
 def test_what_a_cell_must_show():
@@ -114,10 +125,11 @@ def test_runner_executes_records_and_refuses_errors(tmp_path):
     "Run a small notebook with the real runner: it passes the check, nbdev_clean leaves it alone; a failing one is left as it was."
     import nbformat
     good = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
-    good.cells = [nbformat.v4.new_code_cell('import os\nprint(os.environ["OMP_NUM_THREADS"])'),
+    good.cells = [nbformat.v4.new_code_cell('import os'), nbformat.v4.new_code_cell('print(os.environ["OMP_NUM_THREADS"])'),
                   nbformat.v4.new_markdown_cell('The number printed above is 1.'),
                   nbformat.v4.new_code_cell('#| eval: false\nraise SystemExit("nbdev eval: false cells must not run")'),
-                  nbformat.v4.new_code_cell('import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2]);')]
+                  nbformat.v4.new_code_cell('import matplotlib.pyplot as plt'),
+                  nbformat.v4.new_code_cell('fig, ax = plt.subplots()\nax.plot([1, 2]);')]
     bad = copy.deepcopy(good); bad.cells.insert(1, nbformat.v4.new_code_cell('1 / 0'))
     for name, nb in (('good', good), ('bad', bad)): nbformat.write(nb, tmp_path / f'{name}.ipynb')
     before = (tmp_path / 'bad.ipynb').read_text()
@@ -128,8 +140,8 @@ def test_runner_executes_records_and_refuses_errors(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert R.check_notebook(tmp_path / 'good.ipynb') == []
     saved = json.loads((tmp_path / 'good.ipynb').read_text())
-    assert saved['cells'][0]['outputs'][0]['text'] == ['1\n']                  # one thread per kernel
-    assert saved['cells'][2]['outputs'] == []                                  # the eval: false cell did not run
+    assert saved['cells'][1]['outputs'][0]['text'] == ['1\n']                  # one thread per kernel
+    assert saved['cells'][3]['outputs'] == []                                  # the eval: false cell did not run
     text = (tmp_path / 'good.ipynb').read_text()
     subprocess.run([str(Path(sys.executable).parent / 'nbdev_clean'), '--fname', str(tmp_path / 'good.ipynb')], cwd=ROOT, check=True)
     assert (tmp_path / 'good.ipynb').read_text() == text, 'nbdev_clean changed an executed notebook: the record would not survive'

@@ -22,7 +22,7 @@ that was edited (or run out of order) afterwards. Nothing here uses the network:
 data/ like everywhere else in the project.
 """
 from __future__ import annotations
-import argparse, ast, hashlib, json, os, re, subprocess, sys, tempfile, time
+import argparse, ast, hashlib, json, os, re, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +232,20 @@ def _pointer_ok(cells: list, i: int, d: str, kind: str, pos: int) -> bool:
     return False
 
 
+# ---------------------------------------------------------------- cells the docs build would run again
+def reexecuted_by_docs(cell: dict) -> bool:
+    """True for a code cell that `nbdev_docs` would execute again in CI and that does more than import or define:
+    to render the API docs, nbdev 2 (processor `exec_show_docs`) runs every exported cell and every cell containing an
+    import statement, and replaces that cell's saved output with what it prints there. A cell of imports (and
+    definitions) is harmless; a cell that imports and also computes would recompute (or fail) at docs build time."""
+    if cell['cell_type'] != 'code' or skipped(cell): return False
+    if set(directives(cell)) & {'export', 'exports', 'exporti', 'exec_doc'}: return False
+    tree, _ = _parse(_source(cell))
+    if tree is None or not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)): return False
+    harmless = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return any(not isinstance(s, harmless) for s in tree.body)
+
+
 # ---------------------------------------------------------------- the check
 def _where(nb: dict, i: int) -> str:
     c = nb['cells'][i]
@@ -256,6 +270,9 @@ def check_notebook(path: Path) -> list[str]:
                          f'{rec.get("execution_counts")}, a clean run gives {exp}')
     funcs = notebook_functions(nb)
     for i, c in enumerate(cells):
+        if reexecuted_by_docs(c):
+            probs.append(f'{_where(nb, i)} imports and also computes: the docs build (nbdev_docs) executes every cell that '
+                         'imports and would replace its saved output; move the imports into a cell of their own')
         if c['cell_type'] != 'code' or skipped(c): continue
         outs = c.get('outputs', [])
         for o in outs:
@@ -321,6 +338,14 @@ def execute_one(path: Path, timeout: int) -> int:
         if skipped(c) and _source(c).strip(): c.metadata.setdefault('tags', []).append(SKIP_TAG)   # nbdev's `#| eval: false`
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', skip_cells_with_tag=SKIP_TAG, allow_errors=False,
                             record_timing=False, resources={'metadata': {'path': str(path.parent)}})
+    def stop(signum, frame):                             # Ctrl-C or the driver's terminate: take the kernel down too
+        prov = getattr(getattr(client, 'km', None), 'provisioner', None)   # (it runs in its own session: no signal reaches it)
+        for pg in {getattr(prov, 'pgid', None), getattr(prov, 'pid', None)} - {None}:
+            try: os.killpg(pg, signal.SIGKILL)
+            except OSError: pass
+        print(f'{path.name}: interrupted; the notebook on disk is left unchanged.', file=sys.stderr)
+        os._exit(130)
+    signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGINT, stop)
     try: client.execute()
     except CellExecutionError as e:
         print(f'{path.name}: a cell raised; the notebook on disk is left unchanged.\n{e}', file=sys.stderr)
@@ -360,6 +385,8 @@ def run(paths: list[Path], jobs: int, timeout: int, threads: int) -> int:
     _export()
     before, env = _files(NBS), _kernel_env(threads)
     todo, running, times, failed, t0 = list(paths), {}, {}, [], time.time()
+    def interrupt(signum, frame): raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt); signal.signal(signal.SIGINT, interrupt)
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -382,7 +409,7 @@ def run(paths: list[Path], jobs: int, timeout: int, threads: int) -> int:
                 print(f'  done   {p.name:28s} {times[p]:7.0f} s' + ('' if not probs else '  -- saved, but the check finds:' + check_message(p, probs)), flush=True)
                 if probs: failed.append(p)
     except KeyboardInterrupt:
-        for p, (proc, log, _) in running.items(): proc.terminate(); proc.wait()
+        for p, (proc, log, _) in running.items(): proc.terminate(); proc.wait()      # each worker stops its kernel
         print('\ninterrupted: the notebooks reported done above are saved; the others are unchanged on disk.')
         return 130
     total = time.time() - t0
