@@ -22,7 +22,7 @@ that was edited (or run out of order) afterwards. Nothing here uses the network:
 data/ like everywhere else in the project.
 """
 from __future__ import annotations
-import argparse, ast, hashlib, json, os, re, signal, subprocess, sys, tempfile, time
+import argparse, ast, hashlib, json, os, re, resource, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,6 +370,8 @@ def _export() -> None:
 
 def _kernel_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND='module://matplotlib_inline.backend_inline')
+    # tqdm.auto's notice that ipywidgets is missing (progress bars fall back to text) says nothing about the results
+    env['PYTHONWARNINGS'] = ','.join(w for w in (env.get('PYTHONWARNINGS'), 'ignore:IProgress not found') if w)
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
     env.pop('IN_TEST', None)
     return env
@@ -384,7 +386,9 @@ def run(paths: list[Path], jobs: int, timeout: int, threads: int) -> int:
     print(f'nbdev_export, then {len(paths)} notebook(s), {jobs} at a time, {threads} thread(s) per kernel:', flush=True)
     _export()
     before, env = _files(NBS), _kernel_env(threads)
-    todo, running, times, failed, t0 = list(paths), {}, {}, [], time.time()
+    todo, running, times, cpu, failed, t0 = list(paths), {}, {}, {}, [], time.time()
+    used = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
+    cpu0 = used()
     def interrupt(signum, frame): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt); signal.signal(signal.SIGINT, interrupt)
     try:
@@ -397,26 +401,28 @@ def run(paths: list[Path], jobs: int, timeout: int, threads: int) -> int:
                 print(f'  start  {p.name}', flush=True)
             time.sleep(0.5)
             for p, (proc, log, start) in list(running.items()):
-                if proc.poll() is None: continue
-                del running[p]
-                times[p] = time.time() - start
+                if proc.poll() is None: continue                  # poll() reaps the worker: its CPU time (and its
+                del running[p]                                     # kernel's) now counts in RUSAGE_CHILDREN
+                times[p], cpu[p], cpu0 = time.time() - start, used() - cpu0, used()
                 log.seek(0); text = log.read(); log.close()
                 if proc.returncode:
                     failed.append(p)
                     print(f'  FAILED {p.name} after {times[p]:.0f} s:\n' + '\n'.join('    ' + l for l in text.strip().splitlines()[-40:]), flush=True)
                     continue
                 probs = check_notebook(p)
-                print(f'  done   {p.name:28s} {times[p]:7.0f} s' + ('' if not probs else '  -- saved, but the check finds:' + check_message(p, probs)), flush=True)
+                print(f'  done   {p.name:28s} {times[p]:7.0f} s wall {cpu[p]:7.0f} s CPU' + ('' if not probs else '  -- saved, but the check finds:' + check_message(p, probs)), flush=True)
                 if probs: failed.append(p)
     except KeyboardInterrupt:
         for p, (proc, log, _) in running.items(): proc.terminate(); proc.wait()      # each worker stops its kernel
         print('\ninterrupted: the notebooks reported done above are saved; the others are unchanged on disk.')
         return 130
     total = time.time() - t0
-    print('\ntime per notebook (s):')
-    for p in sorted(times, key=times.get, reverse=True): print(f'  {times[p]:7.0f}  {p.name}' + ('   FAILED' if p in failed else ''))
-    print(f'total wall time: {total:.0f} s ({total / 60:.1f} min) for {len(paths)} notebook(s), {jobs} at a time, '
-          f'{threads} thread(s) each, on {os.cpu_count()} CPUs')
+    print('\ntime per notebook (s): wall, CPU (kernel and everything it started)')
+    for p in sorted(times, key=times.get, reverse=True):
+        print(f'  {times[p]:7.0f} {cpu[p]:7.0f}  {p.name}' + ('   FAILED' if p in failed else ''))
+    print(f'total: {total:.0f} s wall ({total / 60:.1f} min), {sum(cpu.values()):.0f} s CPU, for {len(paths)} notebook(s), '
+          f'{jobs} at a time, {threads} thread(s) each, on {os.cpu_count()} CPUs (load average at the end: '
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})")
     new = sorted(_files(NBS) - before)
     if new: print('note: the run left new files under nbs/ (a notebook should write to a temporary folder):\n  ' + '\n  '.join(new))
     if failed: print(f'{len(failed)} notebook(s) failed: ' + ', '.join(p.name for p in failed)); return 1
