@@ -336,7 +336,7 @@ def execute_one(path: Path, timeout: int) -> int:
         if c.cell_type != 'code': continue
         c.outputs, c.execution_count = [], None          # nothing survives from an earlier run, not even in skipped cells
         if skipped(c) and _source(c).strip(): c.metadata.setdefault('tags', []).append(SKIP_TAG)   # nbdev's `#| eval: false`
-    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', skip_cells_with_tag=SKIP_TAG, allow_errors=False,
+    client = NotebookClient(nb, timeout=timeout, startup_timeout=600, kernel_name='python3', skip_cells_with_tag=SKIP_TAG, allow_errors=False,
                             record_timing=False, resources={'metadata': {'path': str(path.parent)}})
     def stop(signum, frame):                             # Ctrl-C or the driver's terminate: take the kernel down too
         prov = getattr(getattr(client, 'km', None), 'provisioner', None)   # (it runs in its own session: no signal reaches it)
