@@ -22,6 +22,17 @@ def test_every_library_notebook_is_checked():
     assert len(names) == len(set(names)) and all(n.endswith('.ipynb') for n in names)
 
 
+def test_new_notebooks_are_found_and_ordered(tmp_path):
+    "A notebook added to nbs/ runs without editing any list: numeric order, a lettered one after its base, index last."
+    names = ['index.ipynb', '16_cpu_scale.ipynb', '10b_report.ipynb', '10_sweep.ipynb', '06b_checkpoint.ipynb', '07_baselines.ipynb',
+             '06_train.ipynb', '00a_download.ipynb', '00_data.ipynb', '9_extra.ipynb', '_private.ipynb', '.hidden.ipynb']
+    for n in names: (tmp_path / n).write_text('{}')
+    (tmp_path / 'sub').mkdir(); (tmp_path / 'sub' / '01_nested.ipynb').write_text('{}')
+    test = [p.name for p in R.library_notebooks(tmp_path)]
+    assert test == ['00_data.ipynb', '00a_download.ipynb', '06_train.ipynb', '06b_checkpoint.ipynb', '07_baselines.ipynb',
+                    '9_extra.ipynb', '10_sweep.ipynb', '10b_report.ipynb', '16_cpu_scale.ipynb', 'index.ipynb'], test
+
+
 # ------------------------------------------------------------------ the checker on small notebooks
 def _cell(src, outputs=None, kind='code'):
     if kind == 'markdown': return dict(cell_type='markdown', id='x', metadata={}, source=src)

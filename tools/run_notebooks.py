@@ -8,7 +8,8 @@
 
 Order. The notebooks do not import each other: each imports the *exported library* `afd_nb`, and none reads a
 file that another one writes. So the one dependency is the library itself: `nbdev_export` runs first, then the
-notebooks run in their numeric (story) order, `index.ipynb` last, `--jobs` at a time (default 2). A kernel gets
+notebooks run in their numeric (story) order, a lettered one right after its base (06_train, 06b_checkpoint,
+07_baselines), `index.ipynb` last, `--jobs` at a time (default 2). A kernel gets
 one thread (OMP_NUM_THREADS=1): the models are small, and on a few cores one thread per kernel with two kernels
 side by side is faster than two threads fighting over them.
 
@@ -33,10 +34,17 @@ FIX = 'run `make notebooks` (or `python tools/run_notebooks.py nbs/{name}`) and 
 
 
 # ---------------------------------------------------------------- which notebooks, in which order
+def story_key(name: str) -> tuple:
+    "Sort key: by the number in front (`6_x` = `06_x`), a lettered notebook right after its base (06, 06b, 07), index last."
+    m = re.match(r'(\d+)([a-z]*)_', name)
+    return (name == 'index.ipynb', int(m[1]) if m else float('inf'), m[2] if m else '', name)
+
+
 def library_notebooks(nbs: Path = NBS) -> list[Path]:
-    "The library notebooks: nbs/*.ipynb (not recursive, like settings.ini's recursive = False), numeric order, index last."
+    """The library notebooks, found rather than listed: every nbs/*.ipynb (not recursive, like settings.ini's
+    recursive = False; names starting with `_` or `.` excluded), in story order (`story_key`), index last."""
     nbs_ = [p for p in nbs.glob('*.ipynb') if not p.name.startswith(('_', '.'))]
-    return sorted(nbs_, key=lambda p: (p.stem == 'index', p.name))
+    return sorted(nbs_, key=lambda p: story_key(p.name))
 
 
 def _source(cell: dict) -> str:
