@@ -22,6 +22,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/check.sh
 
+# Re-execute every library notebook in nbs/ in place (CPU, one thread per kernel, 2 at a time) and save the outputs;
+# `make notebooks NB="nbs/07_baselines.ipynb nbs/index.ipynb"` runs only those.
+.PHONY: notebooks
+notebooks: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/run_notebooks.py $(NB)
+
+# The CPU study (configs/cpu-study.yaml, 33 runs, hours on 2 cores; stop and rerun to resume), then its summary in
+# results/cpu-study/ (report, CSVs, figures, provenance).
+.PHONY: study
+study: $(STAMP)
+	$(BIN)/afd-sweep configs/cpu-study.yaml
+	$(BIN)/python tools/publish_results.py configs/cpu-study.yaml --runs runs/cpu-study --out results/cpu-study
+
 # GPU check (nbs/15_gpucheck.ipynb): one command for a short window on one GPU, no install step. On a bare GPU
 # machine carry data/cifar10_jpeg.npz (a copy, not a link) and .whl/ (from `make gpu-wheels`, run where pip works).
 .PHONY: gpu-check gpu-wheels
