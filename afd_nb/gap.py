@@ -39,7 +39,7 @@ def feature_gap(model: nn.Module,      # classifier with `features` (a `Disentan
                 y: torch.Tensor,       # labels, (N,)
                 eps: float = 8/255,    # L∞ radius of the attack
                 step_size: float = 0.003, # PGD step size
-                steps: int = 20,       # PGD iterations (default: PGD-20 of METHOD.md §9)
+                steps: int = 20,       # PGD iterations (default: the PGD-20 evaluation)
                 seed: int = 0,         # seed of the attack's random start
                 batch_size: int = 256, # images per attack batch
                 per_sample: bool = False # also return the per-image tensors under 'per_sample'

@@ -19,7 +19,7 @@ __all__ = ['NATURAL_RECIPE', 'NATURAL_EVAL', 'Natural', 'pretrain_config', 'pret
 # %% ../nbs/09_pretrain.ipynb #4e6ecbd2
 NATURAL_RECIPE = dict(method='natural', checkpoint=None, epochs=100, batch_size=128, lr=0.1, lr_schedule='multistep',
                       momentum=0.9, weight_decay=5e-4, augment=True, ema=False)
-"The natural pre-training recipe (METHOD.md §11 leaves it open): TrainConfig values."
+"The natural pre-training recipe (the paper leaves it open): TrainConfig values."
 
 NATURAL_EVAL = dict(n_eval=1000, n_gap=256, eval_steps=10)
 "Per-epoch evaluation while pre-training: clean accuracy on 1000 test images; PGD-10 and the feature gap (256 images) as a cheap side-line."

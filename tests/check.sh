@@ -1,24 +1,51 @@
 #!/usr/bin/env bash
-# Every check, in order: clean notebooks, library in sync, library notebooks, pytest.
-# Called by `make test` (with the project's .venv first on PATH).
+# Every check, in order: clean notebooks, library in sync, library notebooks, pytest; then the notebooks and the
+# numerical tests once more with PyTorch's portable CPU kernels (ATEN_CPU_CAPABILITY=default).
+# Called by `make test` (with the project's .venv first on PATH). Extra arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dirty() { { git diff -- nbs afd_nb experiments; git status --porcelain -- nbs afd_nb experiments; } | sha1sum; }
 before=$(dirty)
-echo "== 1/4 notebooks are clean (nbdev_clean leaves no diff)"
+t_all=$SECONDS
+echo "== 1/5 notebooks are clean (nbdev_clean leaves no diff)"
 nbdev_clean
 [ -d experiments ] && nbdev_clean --fname experiments
 if [ "$(dirty)" != "$before" ]; then
   echo "FAIL: nbdev_clean changed notebooks; run 'nbdev_clean' and commit:"; git status --porcelain -- nbs experiments; exit 1
 fi
-echo "== 2/4 library is in sync (nbdev_export leaves no diff)"
+echo "== 2/5 library is in sync (nbdev_export leaves no diff)"
 nbdev_export
 if [ "$(dirty)" != "$before" ]; then
   echo "FAIL: nbdev_export changed afd_nb/; run 'nbdev_export' and commit:"; git status --porcelain -- afd_nb; exit 1
 fi
-echo "== 3/4 nbdev_test runs every library notebook"
+
+notebooks() {  # every library notebook, 2 at a time, 1 thread each
+  local start=$SECONDS
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+  echo "   (notebooks took $((SECONDS-start)) s)"
+}
+echo "== 3/5 nbdev_test runs every library notebook"
+notebooks
+echo "== 4/5 pytest tests/"
 start=$SECONDS
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing  # 2 notebooks at a time, 1 thread each
-echo "   (notebooks took $((SECONDS-start)) s)"
-echo "== 4/4 pytest tests/"
 python -m pytest tests -q -rs --durations=15 "$@"
+echo "   (pytest took $((SECONDS-start)) s)"
+
+# PyTorch chooses its CPU kernels by instruction set (AVX-512, AVX2, ...). 'default' forces the portable ones, which
+# round and sum in another order, as another CPU would. Every tolerance is derived to hold on any CPU; this pass checks
+# that on this one. It reruns the notebooks and the pytest modules whose assertions compare floating-point results
+# (the others -- data files, configuration, sweeps, project layout -- do not depend on the kernels).
+NUMERIC_TESTS=(test_attacks test_gap test_disentangle test_losses test_models test_train test_resume test_baselines
+               test_evaluate test_pretrain test_ddp)
+echo "== 5/5 again with ATEN_CPU_CAPABILITY=default: notebooks and ${#NUMERIC_TESTS[@]} numerical test modules"
+export ATEN_CPU_CAPABILITY=default
+python -c "import torch; c = torch.backends.cpu.get_cpu_capability(); assert c == 'DEFAULT', c; print('   kernels:', c)"
+notebooks
+start=$SECONDS
+files=(); for m in "${NUMERIC_TESTS[@]}"; do
+  [ -f "tests/$m.py" ] || { echo "FAIL: tests/$m.py is listed in NUMERIC_TESTS (tests/check.sh) but does not exist"; exit 1; }
+  files+=("tests/$m.py")
+done
+python -m pytest "${files[@]}" -q -rs --durations=5 "$@"
+echo "   (pytest took $((SECONDS-start)) s)"
+echo "== all checks passed in $(( (SECONDS-t_all) / 60 )) min"

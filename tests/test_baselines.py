@@ -10,6 +10,9 @@ from afd_nb.train import TrainConfig, fine_tune, METHODS, Method, Run, register_
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
+EPS32 = torch.finfo(torch.float32).eps   # 2^-23; u = EPS32/2 is float32's unit roundoff
+BALL_TOL = EPS32   # |x' - x| <= eps up to roundings of eps to float32, of x + delta (values <= 1) and of the difference
+
 TINY = dict(n_train=64, batch_size=32, epochs=1, n_eval=16, eval_steps=2, eval_step_size=0.01, train_steps=2,
             eval_at_start=False, device='cpu')
 
@@ -45,8 +48,9 @@ def test_rgkd_term(resnet20, cifar10_train):
     x = cifar10_train.tensors()[0][:16]
     with torch.no_grad():
         f = resnet20.features(x)
-        assert B.rgkd_loss(f, f).abs().item() < 1e-6
-        assert B.rgkd_loss(-f, f).item() == pytest.approx(2.0, abs=1e-5)
+        tol = (f.shape[1] + len(f)) * EPS32   # 1 - mean cos: d-term sums (~d*u relative each), then a mean of B values
+        assert B.rgkd_loss(f, f).abs().item() <= tol
+        assert abs(B.rgkd_loss(-f, f).item() - 2.0) <= 2 * tol
         assert 0 < B.rgkd_loss(f + 0.5 * torch.randn_like(f), f).item() < 1
 
 
@@ -58,14 +62,14 @@ def test_arrest_replay_rule(resnet20, cifar10_train):
         for p in turned.layer3.parameters():
             if p.ndim == 4: p.add_(0.8 * p.std() * torch.randn(p.shape, generator=g))
     dist = B.clean_feature_distance(turned, resnet20, x).item()
-    assert B.clean_feature_distance(resnet20, resnet20, x).item() < 1e-6
+    assert B.clean_feature_distance(resnet20, resnet20, x).item() <= (64 + len(x)) * EPS32   # 1 - cos(f, f): rounding only
     arrest = METHODS['arrest']
     for angle, epoch, want in [(30., 1, dist >= 1 - math.cos(math.radians(30))), (1., 1, True), (90., 1, False), (1., 11, False)]:
         cfg = TrainConfig(method='arrest', arrest_angle=angle, train_steps=2).resolved()
         run = Run(cfg, turned.train(), resnet20, gen=torch.Generator().manual_seed(1)); run.epoch = epoch
         x_in = arrest.attack(run, x, y)
         assert run.stats['replay'] == float(want), (angle, epoch, dist)
-        assert (x_in - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_in.min() and x_in.max() <= 1
+        assert (x_in - x).abs().max() <= 8 / 255 + BALL_TOL and 0 <= x_in.min() and x_in.max() <= 1
         if want:   # noisy replay: uniform noise, not an attack -> predictions barely change
             u = x_in - x
             assert u.abs().mean() > 2 / 255 and turned.training
@@ -80,7 +84,7 @@ def test_trades_attack(resnet20, cifar10_train):
     net = copy.deepcopy(resnet20).train()
     xa = B.trades_attack(net, x, steps=5, generator=torch.Generator().manual_seed(0))
     assert net.training and all(p.grad is None for p in net.parameters())
-    assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert (xa - x).abs().max() <= 8 / 255 + BALL_TOL and xa.min() >= 0 and xa.max() <= 1
     net.eval()
     with torch.no_grad():
         p = F.softmax(net(x), 1)

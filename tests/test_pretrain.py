@@ -19,7 +19,8 @@ def test_default_config_is_the_recipe():
     assert (c.lr, c.momentum, c.weight_decay, c.epochs, c.batch_size) == (0.1, 0.9, 5e-4, 100, 128)
     assert (c.lr_schedule, c.augment, c.ema) == ('multistep', True, False)
     lrs = {e: lr_at_epoch(e, c.lr, c.epochs, c.lr_schedule) for e in (1, 50, 51, 75, 76, 100)}
-    assert lrs == pytest.approx({1: 0.1, 50: 0.1, 51: 0.01, 75: 0.01, 76: 0.001, 100: 0.001}, rel=1e-12)
+    eps64 = torch.finfo(torch.float64).eps   # 0.1 * 0.1**k: a couple of float64 roundings, relative
+    assert lrs == pytest.approx({1: 0.1, 50: 0.1, 51: 0.01, 75: 0.01, 76: 0.001, 100: 0.001}, rel=4 * eps64, abs=0)
     assert c.out_dir == 'runs/pretrain/cifar10-resnet18'
     for d in ('cifar10', 'cifar100', 'tiny_imagenet'):
         for a in ('resnet18', 'wrn34_10'):
@@ -78,7 +79,14 @@ def test_tiny_pretraining_run(tmp_path, cifar10_train):
     assert [row['epoch'] for row in h] == [0, 1, 2, 3]
     assert [row['lr'] for row in h[1:]] == pytest.approx([0.02, 0.02, 0.02])
     assert all(math.isfinite(row['loss']) and 0 <= row['stats']['train_acc'] <= 1 for row in h[1:])
-    assert h[3]['loss'] < h[1]['loss'] - 0.3                            # training lowers the clean CE
+    # training lowers the clean CE by more than five standard errors of an epoch mean over the 64 images (the spread of
+    # the final model's per-image CE / sqrt(64), in training mode, i.e. with batch statistics as the logged loss had them):
+    # not noise, on any CPU (the trajectory itself differs between CPUs)
+    import copy
+    xt, yt = cifar10_train.tensors(); xt, yt = xt[:64], yt[:64]
+    with torch.no_grad(): ce = torch.nn.functional.cross_entropy(copy.deepcopy(r['model']).train()(xt), yt, reduction='none')
+    se = ce.std().item() / math.sqrt(len(ce))
+    assert h[1]['loss'] - h[3]['loss'] > 5 * se, (h[1]['loss'], h[3]['loss'], se)
     assert all(row['eval_model'] == 'raw' for row in h)                 # no EMA by default
     cfg = json.loads((out / 'config.json').read_text())
     assert (cfg['method'], cfg['checkpoint'], cfg['lr'], cfg['weight_decay'], cfg['n_train'], cfg['seed']) == \
@@ -87,8 +95,8 @@ def test_tiny_pretraining_run(tmp_path, cifar10_train):
     fresh = load_checkpoint(build_model('resnet20', 10), out / 'model_final.pt').eval()
     x, y = cifar10_train.tensors(); x = x[:32]
     with torch.no_grad():
-        assert torch.allclose(fresh(x), r['model'].eval()(x), atol=1e-6)
-        assert torch.allclose(load_natural(r['path'])(x), fresh(x), atol=0)
+        assert torch.equal(fresh(x), r['model'].eval()(x))                  # the same weights and kernels: bit for bit
+        assert torch.equal(load_natural(r['path'])(x), fresh(x))
         assert not torch.allclose(build_model('resnet20', 10).eval()(x), fresh(x), atol=1e-3)
     with pytest.raises(CheckpointMismatchError): load_checkpoint(build_model('resnet20', 100), out / 'model_final.pt')
     # the same call again resumes the finished run: nothing is retrained
