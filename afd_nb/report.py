@@ -354,8 +354,8 @@ def _verdict(ways:list, rule:str='all') -> str:
     return 'inconclusive'
 
 def _ends(met:pd.DataFrame, label:str, col:str) -> tuple[pd.Series, pd.Series]:
-    "Per run of `label`: `col` at its first and at its last epoch."
-    d = met[(met['label'] == label)].dropna(subset=[col]).sort_values('epoch') if col in met and len(met) else []
+    "Per run of `label`: `col` at its first epoch of training (epoch 1, where the paper's Fig. 1a starts) and at its last."
+    d = met[(met['label'] == label) & (met['epoch'] >= 1)].dropna(subset=[col]).sort_values('epoch') if col in met and len(met) else []
     if not len(d): return pd.Series(dtype=float), pd.Series(dtype=float)
     g = d.groupby('run_id')[col]
     return g.first(), g.last()
@@ -380,7 +380,7 @@ def claims_table(results:pd.DataFrame, # from `collect_results`
         parts = []
         for meth in ('vaft', 'rgkd', 'arrest'):
             first, last = _ends(met, N[meth], col)
-            if len(last): parts.append((f'{N[meth]} last − first epoch', *(x := _diff(last - first)), _way(x[0], x[1])))
+            if len(last): parts.append((f'{N[meth]} last epoch − epoch 1', *(x := _diff(last - first)), _way(x[0], x[1])))
         claim(f'2. the {what} L∞ gap of the baselines widens during fine-tuning', parts, 'all')
         parts = []
         for c, feat in ((col, 'g(x)'), (col.replace('gap.', 'gap.d1_'), 'D1·g(x)')):

@@ -474,7 +474,7 @@ def test_claims_verdicts_and_a_study_in_progress(tmp_path):
     sd = tmp_path/'study'
     def run(rid, m, seed, acc, g0, g1, d1=None, state='done', **p):
         ep = [dict(epoch=e, clean_acc=0.5, pgd_acc=0.2, gap=dict(linf=g, linf_rel=g / 10, **({} if d1 is None else dict(d1_linf=d1, d1_linf_rel=d1 / 10))))
-              for e, g in ((0, g0), (2, g1))]
+              for e, g in ((0, 7.0), (1, g0), (2, g1))]   # epoch 0 (the natural model) is left out
         ev = dict(Clean=acc[0], PGD=acc[1], AA=acc[2], Avg=sum(acc) / 3, n=100) if state == 'done' else None
         _fake_run(sd, rid, {**dict(dataset='cifar10', arch='resnet20', method=m, alpha=0.05, beta=0.25, gamma=25, seed=seed), **p}, ev, ep, state)
     for s in (0, 1, 2):
