@@ -81,6 +81,7 @@ def _run_row(d:Path, st:dict) -> tuple[dict, list[str]]:
                     test_data=ev.get('data'),
                     aa=((ev.get('config') or {}).get('autoattack') or {}).get('name') if ev.get('AA') is not None else None)
     r.update({f'gap.{k}': v for k, v in gap.items() if isinstance(v, (int, float))})
+    r.update({f'{s}_cpu_s': v.get('cpu_s') for s, v in (st.get('stages') or {}).items()})   # per stage
     return r, given
 
 def collect_results(sweep_dir,      # runs/<sweep>

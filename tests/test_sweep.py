@@ -261,6 +261,11 @@ def test_failure_keeps_going_then_retry_only_failed(tmp_path, capsys):
     assert executions(sd/bad) == ['finetune']                                           # evaluate never ran
     report = (sd/'report.md').read_text()
     assert 'Failures' in report and bad in report and '| AFD |' in report
+    res = R.collect_results(sd).set_index('run_id')                                      # CPU seconds per stage
+    for g in good:
+        st = json.loads((sd/g/'status.json').read_text())['stages']
+        assert [res.at[g, f'{s}_cpu_s'] for s in ('finetune', 'evaluate')] == [st[s]['cpu_s'] for s in ('finetune', 'evaluate')]
+    assert res.at[bad, 'evaluate_cpu_s'] != res.at[bad, 'evaluate_cpu_s']                 # never ran: NaN
     mtimes = {g: (sd/g/'finetune.ipynb').stat().st_mtime_ns for g in good}
     # second invocation: the complete runs are skipped, the failed one is retried (and fails again)
     assert S.main([str(path)]) == 1

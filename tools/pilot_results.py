@@ -3,9 +3,10 @@ and the selection criteria written in configs/pilot.yaml applied to every candid
 
     python tools/pilot_results.py runs/pilot [runs/pilot-stage1] --out results/pilot
 """
-import argparse, json
+import argparse
 from pathlib import Path
 import pandas as pd
+from afd_nb.report import collect_results, collect_metrics
 
 BASE = dict(arch='resnet20', n_train=1000, epochs=4, lr=0.01, lr_schedule='afd', train_step_size=None)
 NAMES = {(): 'C1', (('lr', 0.025),): 'C2', (('lr', 0.005),): 'C3', (('epochs', 2), ('n_train', 2000)): 'C4',
@@ -13,26 +14,36 @@ NAMES = {(): 'C1', (('lr', 0.025),): 'C2', (('lr', 0.005),): 'C3', (('epochs', 2
          (('arch', 'resnet56'), ('n_train', 384)): 'C7'}
 GAP = ['linf', 'linf_rel', 'd1_linf', 'd1_linf_rel']
 
-def read_run(d, stage1=False):
-    "One finished run folder -> (summary row, per-epoch rows); None if its evaluation did not finish."
-    if not (d/'eval.json').exists(): return None
-    p = json.loads((d/'params.json').read_text())['finetune']
-    st, ev = json.loads((d/'status.json').read_text()), json.loads((d/'eval.json').read_text())
-    diff = tuple(sorted((k, p.get(k)) for k in BASE if p.get(k) != BASE[k]))
-    cand = 'S' + str(1 + (p['method'] == 'afd')) if stage1 else NAMES.get(diff, str(diff))
-    change = ', '.join(f'{k}={v}' for k, v in diff) or 'base'
-    key = dict(candidate=cand, change=change, method=p['method'], seed=p['seed'])
-    epochs = []
-    for line in open(d/'metrics.jsonl'):
-        m = json.loads(line); g = m.get('gap') or {}
-        epochs.append(dict(key, epoch=m['epoch'], step=m['step'], clean=100*m['clean_acc'], pgd20=100*m['pgd_acc'],
-                           **{f'gap_{k}': g.get(k) for k in GAP}, loss=m.get('loss')))
-    cpu = {s: v['cpu_s'] for s, v in st['stages'].items()}
-    row = dict(key, arch=p['arch'], n_train=p['n_train'], epochs=p['epochs'], lr=p['lr'], lr_schedule=p['lr_schedule'],
-               train_step_size=p.get('train_step_size'), steps=epochs[-1]['step'], clean=ev['Clean'], pgd20=ev['PGD'],
-               n_test=ev['n'], **{f'gap_{k}': epochs[-1][f'gap_{k}'] for k in GAP},
-               finetune_cpu_s=cpu.get('finetune'), evaluate_cpu_s=cpu.get('evaluate'), hardware=st.get('hardware'))
-    return row, epochs
+def _value(v):
+    "A parameter as the config wrote it: NaN (a missing value in a table) -> None, 0.01 and 1000 as such."
+    if isinstance(v, float) and v != v: return None
+    return int(v) if isinstance(v, float) and v.is_integer() and v > 1 else v
+
+def read_runs(root, stage1=False):
+    "A pilot sweep folder -> (one row per evaluated run, one row per run and epoch), via afd_nb.report."
+    res = collect_results(root)
+    if res.empty: return pd.DataFrame(), pd.DataFrame()
+    for i in res.index[res.Clean.isna()]: print(f'not finished, left out: {res.run_id[i]}')
+    res = res[res.Clean.notna()].copy()
+    diff = res.apply(lambda r: tuple(sorted((k, _value(r[k])) for k in BASE if _value(r[k]) != BASE[k])), axis=1)
+    res['candidate'] = ['S' + str(1 + (m == 'afd')) for m in res.method] if stage1 else [NAMES.get(d, str(d)) for d in diff]
+    res['change'] = [', '.join(f'{k}={v}' for k, v in d) or 'base' for d in diff]
+    key = ['candidate', 'change', 'method', 'seed']
+    met = collect_metrics(root, res).merge(res[['run_id', 'candidate', 'change']], on='run_id')
+    epochs = pd.DataFrame({**{k: met[k] for k in key + ['epoch', 'step']}, 'clean': 100 * met.clean_acc,
+                           'pgd20': 100 * met.pgd_acc, **{f'gap_{k}': pd.to_numeric(met.get(f'gap.{k}')) for k in GAP},
+                           'loss': met.get('loss')})
+    last = epochs.sort_values('step').groupby(['candidate', 'method', 'seed']).tail(1).set_index(key)
+    runs = pd.DataFrame({**{k: res[k] for k in key + ['arch', 'n_train', 'epochs', 'lr', 'lr_schedule',
+                                                      'train_step_size']},
+                         'clean': res.Clean, 'pgd20': res.PGD, 'n_test': res.n_test}).set_index(key)
+    runs['steps'] = last.step
+    for k in GAP: runs[f'gap_{k}'] = last[f'gap_{k}']
+    runs['finetune_cpu_s'], runs['evaluate_cpu_s'] = res.set_index(key).finetune_cpu_s, res.set_index(key).evaluate_cpu_s
+    runs['hardware'] = res.set_index(key).hardware
+    cols = ['arch', 'n_train', 'epochs', 'lr', 'lr_schedule', 'train_step_size', 'steps', 'clean', 'pgd20', 'n_test',
+            *[f'gap_{k}' for k in GAP], 'finetune_cpu_s', 'evaluate_cpu_s', 'hardware']
+    return runs[cols].reset_index(), epochs
 
 def criteria(runs, budget_s=900, min_clean=50.):
     "Apply the pilot's three stated criteria to each candidate (two methods x seeds)."
@@ -62,18 +73,10 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('runs'); ap.add_argument('stage1', nargs='?'); ap.add_argument('--out', default='results/pilot')
     a = ap.parse_args(); out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    rows, eps = [], []
-    for root, s1 in ((a.runs, False), (a.stage1, True)):
-        if root is None: continue
-        for d in sorted(Path(root).iterdir()):
-            r = read_run(d, s1) if d.is_dir() else None
-            if r is None:
-                if d.is_dir(): print(f'not finished, left out: {d.name}')
-                continue
-            rows.append(r[0]); eps += r[1]
-    runs = pd.DataFrame(rows).sort_values(['candidate', 'method', 'seed'])
+    parts = [read_runs(root, s1) for root, s1 in ((a.runs, False), (a.stage1, True)) if root is not None]
+    runs = pd.concat([p[0] for p in parts]).sort_values(['candidate', 'method', 'seed'])
     runs.to_csv(out/'runs.csv', index=False, float_format='%.4g')
-    pd.DataFrame(eps).to_csv(out/'epochs.csv', index=False, float_format='%.4g')
+    pd.concat([p[1] for p in parts]).to_csv(out/'epochs.csv', index=False, float_format='%.4g')
     crit = criteria(runs[~runs.candidate.str.startswith('S')])
     crit.to_csv(out/'criteria.csv', index=False, float_format='%.4g')
     print(crit.round(2).to_string(index=False))
