@@ -117,6 +117,8 @@ class TRADES(Method):
         return trades_attack(run.model, x, c.eps, c.train_step_size, c.train_steps, run.gen, run.amp_dtype)
 
     def losses(self, run, x_in, x, y):
+        "CE(f(x), y) and KL(p(x) ‖ p(x')), the KL from log-probabilities: finite gradients when p(x) underflows to 0."
         z_nat, z_adv = run.model(x), run.model(x_in)
         return dict(ce=F.cross_entropy(z_nat, y),
-                    kl=F.kl_div(F.log_softmax(z_adv.float(), dim=1), F.softmax(z_nat.float(), dim=1), reduction='batchmean'))
+                    kl=F.kl_div(F.log_softmax(z_adv.float(), dim=1), F.log_softmax(z_nat.float(), dim=1),
+                                reduction='batchmean', log_target=True))

@@ -1,5 +1,6 @@
 """afd_nb.baselines: vAFT, RGKD, ARREST, TRADES as plug-ins of afd_nb.train's loop."""
 import copy, json, math
+from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +105,21 @@ def test_a_new_method_plugs_in(tmp_path, cifar10_train):
         assert r['history'][-1]['losses'].keys() == {'ce'} and 'clean_acc' not in r['history'][-1]
     finally:
         METHODS.pop('clean_ce_test')
+
+
+def test_trades_kl_gradient_stays_finite_when_clean_probabilities_underflow():
+    "A confident clean prediction (p(x)_k = 0 exactly in float32) gives NaN gradients with the probability-form KL."
+    z_nat = torch.tensor([[120., 0., -10.], [1., 2., 3.]], requires_grad=True)     # logit gap 130 > ~104: p underflows
+    z_adv = torch.tensor([[0., 3., 1.], [3., 2., 1.]], requires_grad=True)
+    assert (F.softmax(z_nat, 1) == 0).any()
+    naive = F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1), reduction='batchmean')   # the trap, for contrast
+    assert torch.isnan(torch.autograd.grad(naive, z_nat)[0]).any()
+    run = SimpleNamespace(model=lambda t: t)                                       # "model" = identity on logits
+    terms = METHODS['trades'].losses(run, z_adv, z_nat, torch.tensor([0, 2]))
+    total = sum(w * terms[k] for k, w in METHODS['trades'].weights(TrainConfig()).items())
+    g_nat, g_adv = torch.autograd.grad(total, (z_nat, z_adv))
+    assert torch.isfinite(g_nat).all() and torch.isfinite(g_adv).all()
+    # the value is the KL itself: float64 reference; float32 log-softmax errors are ~eps32 x |logit| = 1.2e-7 x 130
+    p, lq = F.softmax(z_nat.double(), 1), F.log_softmax(z_adv.double(), 1)
+    ref = (p * (torch.log(p) - lq)).sum() / 2
+    assert abs(terms['kl'].item() - ref.item()) <= 4 * 1.2e-7 * 130 * 3
