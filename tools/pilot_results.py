@@ -39,8 +39,7 @@ def read_runs(root, stage1=False):
                          'clean': res.Clean, 'pgd20': res.PGD, 'n_test': res.n_test}).set_index(key)
     runs['steps'] = last.step
     for k in GAP: runs[f'gap_{k}'] = last[f'gap_{k}']
-    runs['finetune_cpu_s'], runs['evaluate_cpu_s'] = res.set_index(key).finetune_cpu_s, res.set_index(key).evaluate_cpu_s
-    runs['hardware'] = res.set_index(key).hardware
+    for k in ('finetune_cpu_s', 'evaluate_cpu_s', 'hardware'): runs[k] = res.set_index(key)[k]
     cols = ['arch', 'n_train', 'epochs', 'lr', 'lr_schedule', 'train_step_size', 'steps', 'clean', 'pgd20', 'n_test',
             *[f'gap_{k}' for k in GAP], 'finetune_cpu_s', 'evaluate_cpu_s', 'hardware']
     return runs[cols].reset_index(), epochs
