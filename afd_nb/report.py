@@ -470,17 +470,18 @@ def _ends(met:pd.DataFrame, label:str, col:str) -> tuple[pd.Series, pd.Series]:
     return g.first().droplevel('run_id'), g.last().droplevel('run_id')
 
 def _evidence(what:str, c:dict) -> str:
-    "'PGD AFD − vAFT: +1.2, 95% CI [+0.3, +2.1] (SE 0.21, df 2; 3 seeds, seed-level only)'."
+    "'PGD AFD − vAFT: +1.2, 95% CI [+0.3, +2.1] (SE 0.21, df 2 — 3 seeds, seed-level only)'."
     if c['n'] < 2: return f"{what}: " + ('no data' if math.isnan(c['d']) else f"{c['d']:+.3g}") + f" ({c['n']} seed{'s' * (c['n'] != 1)})"
     h = t_quantile(0.975, c['df']) * c['se']
     where = f"{c['n']} seeds × {c['N']} images" if c['N'] else f"{c['n']} seeds, seed-level only"
-    return f"{what}: {c['d']:+.3g}, 95% CI [{c['d'] - h:+.3g}, {c['d'] + h:+.3g}] (SE {c['se']:.2g}, df {c['df']:.3g}; {where})"
+    return f"{what}: {c['d']:+.3g}, 95% CI [{c['d'] - h:+.3g}, {c['d'] + h:+.3g}] (SE {c['se']:.2g}, df {c['df']:.3g} — {where})"
 
 def _collapsed(ok:pd.DataFrame, labels:list, col:str, threshold:float) -> str|None:
     "None when every setting's mean final PGD accuracy is ≥ threshold; otherwise the reason, with the values."
     v = {l: pd.to_numeric(ok.loc[ok['label'] == l, col], errors='coerce').mean() for l in labels}
     if all(x >= threshold for x in v.values()): return None
-    return 'not past the collapse: final PGD ' + ', '.join(f'{l} {x:.1f}%' for l, x in v.items()) + f', below {threshold:g}%'
+    steps = _int(ok['pgd_steps'].dropna().iloc[0]) if 'pgd_steps' in ok and ok['pgd_steps'].notna().any() else '20'
+    return f'not past the collapse: final PGD-{steps} ' + ', '.join(f'{l} {x:.1f}%' for l, x in v.items()) + f', below {threshold:g}%'
 
 def _claims_one(ok, met, correct:dict, pre:str, gap:str, threshold:float) -> list[dict]:
     "The four claims for one (dataset, architecture): rows of claim, evidence, verdict."
