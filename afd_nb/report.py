@@ -597,7 +597,7 @@ def _figures(L:list, sweep_dir:Path, res:pd.DataFrame, met:pd.DataFrame, cfg:dic
               'clean-feature norm.', '']
     if (fig := plot_raw_ema(met, res, sweep_dir/'raw_ema.png')) is not None:
         plt.close(fig); L += ['## AFD: EMA and raw weights per epoch', '', '![AFD, EMA and raw weights](raw_ema.png)', '']
-    if (fig := plot_dis(met, res, sweep_dir/'disentangler.png')) is not None:
+    if (fig := plot_dis(met if few else afd, res, sweep_dir/'disentangler.png')) is not None:   # no 1-seed runs beside means
         plt.close(fig); L += ['## The disentangler per epoch', '', '![the disentangler per epoch](disentangler.png)', '',
                               '`L_sep` is the mean cos(f1, f2) as the loss uses it; ‖D − I‖_F of the raw weights at the end of '
                               "each epoch; D2's accuracy on ỹ over the epoch's training adversarial examples.", '']
@@ -658,12 +658,14 @@ def write_report(sweep_dir,       # runs/<sweep>
     if len(s):
         _atomic_write_text(sweep_dir/'summary.csv', s.to_csv(index=False))
         L += ['## Results: mean ± sd over seeds (%)', '', _md(_summary_md(s), index=False), '',
-              '`runs`: finished runs of the setting (its seeds); sd is the sample standard deviation (n − 1).', '']
+              '`runs`: finished runs of the setting (its seeds); sd is the sample standard deviation (n − 1). '
+              + ('EMA weights; the raw weights\' numbers are the `raw_*` columns of results.csv.' if 'raw_Clean' in res else ''), '']
     for arch in [a for a in dict.fromkeys(s['arch'] if len(s) else []) if a is not None]:
         t = paper_table(res, arch)
         _atomic_write_text(sweep_dir/f'table_{arch}.csv', t.to_csv())
         L += [f'## Beside the paper: {ARCH_NAMES.get(arch, arch)}, Clean / PGD / AA / Avg (%)', '', _md(t), '',
-              "`ours`: mean over seeds of each run's evaluated (EMA/final) model; `paper`: the paper's results tables"
+              "`ours`: mean over seeds of each run's EMA weights (runs written before both weights were tracked: the model "
+              "the run evaluated); `paper`: the paper's results tables"
               + ('' if arch in PAPER else f" (the paper has no {ARCH_NAMES.get(arch, arch)}: its ResNet-18 numbers, full data, for orientation only)")
               + ". `–`: not measured; `†`: Avg of Clean and PGD only (no AutoAttack), not comparable with the paper's Avg.", '']
     met = collect_metrics(sweep_dir, res)
