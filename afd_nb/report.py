@@ -472,8 +472,9 @@ def _ends(met:pd.DataFrame, label:str, col:str) -> tuple[pd.Series, pd.Series]:
 def _evidence(what:str, c:dict) -> str:
     "'PGD AFD − vAFT: +1.2, 95% CI [+0.3, +2.1] (SE 0.21, df 2 — 3 seeds, seed-level only)'."
     if c['n'] < 2: return f"{what}: " + ('no data' if math.isnan(c['d']) else f"{c['d']:+.3g}") + f" ({c['n']} seed{'s' * (c['n'] != 1)})"
-    h = t_quantile(0.975, c['df']) * c['se']
     where = f"{c['n']} seeds × {c['N']} images" if c['N'] else f"{c['n']} seeds, seed-level only"
+    if not c['se'] > 1e-9 * abs(c['d']): return f"{what}: {c['d']:+.3g}, no spread: the same difference in every pair ({where})"
+    h = t_quantile(0.975, c['df']) * c['se']
     return f"{what}: {c['d']:+.3g}, 95% CI [{c['d'] - h:+.3g}, {c['d'] + h:+.3g}] (SE {c['se']:.2g}, df {c['df']:.3g} — {where})"
 
 def _collapsed(ok:pd.DataFrame, labels:list, col:str, threshold:float) -> str|None:

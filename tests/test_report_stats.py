@@ -35,6 +35,7 @@ def test_noise_is_inconclusive_zero_spread_and_one_seed_decide_nothing():
     assert R.comparison_verdict(R.paired_diff({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 2.0, 2: 4.0})) == 'inconclusive'
     flat = R.paired_diff({0: 15.0, 1: 16.0, 2: 17.0}, {0: 10.0, 1: 11.0, 2: 12.0})   # 5, 5, 5: SE 0
     assert flat['se'] == 0 and R.comparison_verdict(flat) == 'inconclusive (no spread)'
+    assert 'no spread' in R._evidence('Clean A − B', flat) and 'CI' not in R._evidence('Clean A − B', flat)
     almost = R.paired_diff({0: 0.1 + 0.2, 1: 0.3}, {0: 0.0, 1: 0.0})                # rounding, not spread
     assert 0 < almost['se'] < 1e-15 and R.comparison_verdict(almost) == 'inconclusive (no spread)'
     one = R.paired_diff({0: 50.0}, {0: 10.0})
