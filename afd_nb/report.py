@@ -4,10 +4,12 @@
 
 # %% ../nbs/10b_report.ipynb #6afcb9c5
 from __future__ import annotations
-import json, math, os
+import json, math, os, zipfile
 from datetime import datetime
 from pathlib import Path
+import numpy as np
 import pandas as pd
+from scipy.stats import t as _student_t
 import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgb
 from matplotlib.ticker import MaxNLocator
@@ -15,9 +17,10 @@ from .plots import METHOD_NAMES, FEATURE_STYLES, method_style
 from .sweep import RUNTIME_KEYS, _atomic_write_text, _fmt, _read_json
 
 # %% auto #0
-__all__ = ['DATASET_NAMES', 'ARCH_NAMES', 'METRICS', 'PAPER', 'collect_results', 'summary_table', 'paper_table',
-           'collect_metrics', 'label_styles', 'plot_curves', 'plot_gap', 'epoch_table', 'plot_sensitivity',
-           'claims_table', 'progress', 'write_report']
+__all__ = ['DATASET_NAMES', 'ARCH_NAMES', 'METRICS', 'PAPER', 'DIS_COLS', 'CLAIMS_RULE', 'collect_results', 'collect_correct',
+           'summary_table', 'paper_table', 'collect_metrics', 'label_styles', 'plot_curves', 'plot_gap', 'epoch_table',
+           'plot_dis', 'plot_raw_ema', 'plot_sensitivity', 't_quantile', 'paired_diff', 'comparison_verdict',
+           'claim_verdict', 'claims_table', 'progress', 'write_report']
 
 # %% ../nbs/10b_report.ipynb #714ab66b
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'tiny_imagenet': 'Tiny-ImageNet'}
@@ -77,6 +80,8 @@ def _run_row(d:Path, st:dict) -> tuple[dict, list[str]]:
     r = {'run_id': d.name, **p, 'state': st.get('state'), 'error': st.get('error'), 'elapsed_s': st.get('elapsed_s'),
          'cpu_s': st.get('cpu_s'), 'attempts': st.get('attempts'), 'hardware': st.get('hardware'),
          'device_name': ft.get('device_name') or ev.get('device_name'), **{m: ev.get(m) for m in METRICS}}
+    if isinstance(ev.get('raw'), dict): r.update({f'raw_{m}': ev['raw'].get(m) for m in METRICS})   # the raw weights
+    if ev.get('weights') is not None: r['eval_weights'] = ev['weights']                           # 'ema', 'pretrained', ...
     if ev: r.update(n_test=ev.get('n'), n_aa=ev.get('n_aa', ev.get('n') if ev.get('AA') is not None else 0),
                     test_data=ev.get('data'),
                     aa=((ev.get('config') or {}).get('autoattack') or {}).get('name') if ev.get('AA') is not None else None)
@@ -88,7 +93,7 @@ def collect_results(sweep_dir,      # runs/<sweep>
                     run_ids=None,   # restrict to these runs (default: every folder with a status.json)
                     defaults=None,  # the sweep's defaults, to name settings (default: from sweep.json, if present)
                    ) -> pd.DataFrame:
-    "One row per run: its parameters, state, timings, Clean/PGD/AA/Avg, final feature gap and setting label."
+    "One row per run: parameters, state, timings, Clean/PGD/AA/Avg (EMA), raw_* (raw weights, if evaluated), final gap, label."
     sweep_dir = Path(sweep_dir)
     dirs = [sweep_dir/i for i in run_ids] if run_ids is not None else sorted(p.parent for p in sweep_dir.glob('*/status.json'))
     rows, given = [], []
@@ -103,6 +108,20 @@ def collect_results(sweep_dir,      # runs/<sweep>
     if defaults is None: defaults = (_read_json(sweep_dir/'sweep.json', {}) or {}).get('defaults', {})
     df['label'] = _labels(df, given, defaults)
     return df
+
+# %% ../nbs/10b_report.ipynb #ccda4e5c
+def collect_correct(sweep_dir,     # runs/<sweep>
+                    run_ids=None,  # restrict to these runs (default: every folder with a correct.npz)
+                   ) -> dict:
+    "run_id -> {'Clean', 'PGD', 'AA', 'raw_Clean', ...: bool array per test image} from each run's correct.npz."
+    sweep_dir = Path(sweep_dir)
+    dirs = [sweep_dir/i for i in run_ids] if run_ids is not None else sorted(p.parent for p in sweep_dir.glob('*/correct.npz'))
+    out = {}
+    for d in dirs:
+        try:
+            with np.load(d/'correct.npz') as z: out[d.name] = {k: np.asarray(z[k], dtype=bool) for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile): pass   # missing or unreadable: no per-image data
+    return out
 
 # %% ../nbs/10b_report.ipynb #6898ea0c
 def _order(method, label) -> tuple:
@@ -216,15 +235,20 @@ def _band(ax, d:pd.DataFrame, y:str, style:dict, ls:str='-', label=None, scale:f
     ax.plot(mean.index, mean.values, ls=ls, marker=style['marker'], ms=4, color=style['color'], label=label)
     if n.max() > 1: ax.fill_between(mean.index, (mean - sd).values, (mean + sd).values, color=style['color'], alpha=.18, lw=0)
 
-def _title(results:pd.DataFrame, what:str) -> str:
+def _int(v) -> str:
+    "A count as an integer ('20', not the '20.0' a CSV gives back); anything else unchanged."
+    try: return str(int(v)) if float(v).is_integer() else str(v)
+    except (TypeError, ValueError): return str(v)
+
+def _title(results:pd.DataFrame, what:str, where:str=None) -> str:
     "What the curves show, and from which model, data, images and attack (from the runs' config.json)."
     ok = _done(results) if len(_done(results)) else results
     first = lambda k: ok[k].dropna().iloc[0] if k in ok and ok[k].notna().any() else '?'
     setups = ', '.join(f'{ARCH_NAMES.get(a, a)} on {DATASET_NAMES.get(d, d)}' for a, d in dict.fromkeys(zip(ok['arch'], ok['dataset'])))
     eps, seeds = first('eps'), int(ok.groupby('label')['seed'].nunique().max()) if 'seed' in ok else 1
-    attack = f"PGD-{first('eval_steps')}" + (f' (ε = {eps * 255:.3g}/255)' if isinstance(eps, float) else '')
-    return (f"{what}: {setups} ({first('flavour')} data, {first('n_train')} training images)\n"
-            f"on {first('n_eval')} held-out test images, attack {attack}"
+    attack = f"PGD-{_int(first('eval_steps'))}" + (f' (ε = {eps * 255:.3g}/255)' if isinstance(eps, float) else '')
+    return (f"{what}: {setups} ({first('flavour')} data, {_int(first('n_train'))} training images)\n"
+            + (where or f"on {_int(first('n_eval'))} held-out test images, attack {attack}")
             + (f'; mean ± sd over {seeds} seeds' if seeds > 1 else ''))
 
 # %% ../nbs/10b_report.ipynb #543ac390
@@ -278,8 +302,8 @@ def plot_gap(metrics:pd.DataFrame,  # from `collect_metrics`
                 _band(ax, d, col, st, FEATURE_STYLES[feat], label=f"{lab}, {'g(x)' if feat == 'backbone' else 'D1·g(x)'}")
                 vals += list(d[col].dropna())
         if vals and min(vals) > 0 and max(vals) / min(vals) > 10: ax.set_yscale('log')
-        ax.set(xlabel='epoch (0 = starting model)',
-               ylabel='relative L∞ gap  ‖g(x) − g(x′)‖∞ / mean ‖g(x)‖∞' if rel else 'L∞ feature gap  ‖g(x) − g(x′)‖∞')
+        ax.set(xlabel='epoch (0 = starting model)',   # two lines: one would be taller than the axes and reach the title
+               ylabel='relative L∞ gap\n‖g(x) − g(x′)‖∞ / mean ‖g(x)‖∞' if rel else 'L∞ feature gap\n‖g(x) − g(x′)‖∞')
         ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].legend(fontsize=7)
     fig.suptitle(_title(results, 'feature gap per epoch (paper Fig. 1a)'), fontsize=9); fig.tight_layout()
@@ -305,6 +329,51 @@ def epoch_table(metrics:pd.DataFrame, # from `collect_metrics`
     t.index.names = ['setting', 'when']
     return t.rename(columns={'clean_acc': 'clean (%)', 'pgd_acc': 'PGD (%)'})
 
+# %% ../nbs/10b_report.ipynb #16bca369
+DIS_COLS = {'dis.L_dis': 'L_dis', 'dis.L_sep': 'L_sep = mean cos(f1, f2)', 'dis.L_align': 'L_align',
+            'dis.d1_dev': '‖D1 − I‖_F (end of epoch)', 'dis.d2_dev': '‖D2 − I‖_F (end of epoch)', 'dis.d2_acc': "D2's accuracy on ỹ (%)"}
+
+def plot_dis(metrics:pd.DataFrame,  # from `collect_metrics`
+             results:pd.DataFrame,  # from `collect_results` (for the title)
+             path=None,             # save a PNG here
+            ):
+    "The disentangler per epoch (its losses, ‖D − I‖, D2's accuracy on ỹ), mean ± sd over seeds; None without `dis.*`."
+    cols = [c for c in DIS_COLS if c in metrics and metrics[c].notna().any()] if len(metrics) else []
+    if not cols or 'epoch' not in metrics: return None
+    m = _labelled(metrics[metrics[cols].notna().any(axis=1)]); styles = label_styles(m)
+    rows = math.ceil(len(cols) / 3)
+    fig, axs = plt.subplots(rows, 3, figsize=(12, 3.3 * rows + .6), squeeze=False)
+    for ax, c in zip(axs.flat, cols):
+        for lab, st in styles.items(): _band(ax, m[m['label'] == lab], c, st, label=lab, scale=100 if c.endswith('_acc') else 1)
+        ax.set(xlabel='epoch', ylabel=DIS_COLS[c]); ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axs.flat)[len(cols):]: ax.set_visible(False)
+    axs.flat[0].legend(fontsize=7)
+    fig.suptitle(_title(results, 'the disentangler per epoch', 'losses and D2 accuracy: means over the epoch\'s training steps'), fontsize=9)
+    fig.tight_layout()
+    if path: _save_fig(fig, path)
+    return fig
+
+def plot_raw_ema(metrics:pd.DataFrame,  # from `collect_metrics`
+                 results:pd.DataFrame,  # from `collect_results` (for the title)
+                 path=None,             # save a PNG here
+                 method:str='afd',      # whose plain setting to draw
+                ):
+    "A method's clean and PGD accuracy per epoch, EMA (solid) beside raw weights (dotted); None without `raw.*`."
+    if not len(metrics) or 'raw.clean_acc' not in metrics or 'epoch' not in metrics: return None
+    m = metrics[metrics['label'].eq(METHOD_NAMES.get(method, method)) & metrics['raw.clean_acc'].notna()]
+    if not len(m): return None
+    m = _labelled(m); styles = label_styles(m)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, c, t in zip(axs, ['clean_acc', 'pgd_acc'], ['clean accuracy (%)', 'PGD accuracy (%)']):
+        for lab, st in styles.items():
+            _band(ax, m[m['label'] == lab], c, st, '-', f'{lab}, EMA', 100)
+            _band(ax, m[m['label'] == lab], f'raw.{c}', st, ':', f'{lab}, raw weights', 100)
+        ax.set(xlabel='epoch (0 = starting model)', ylabel=t); ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axs[0].legend(fontsize=8)
+    fig.suptitle(_title(results, f'{METHOD_NAMES.get(method, method)}: EMA and raw weights per epoch'), fontsize=9); fig.tight_layout()
+    if path: _save_fig(fig, path)
+    return fig
+
 # %% ../nbs/10b_report.ipynb #e510d36d
 def plot_sensitivity(results:pd.DataFrame, # from `collect_results`
                      defaults:dict=None,   # the config defaults (centre of the one-at-a-time sweeps)
@@ -329,71 +398,137 @@ def plot_sensitivity(results:pd.DataFrame, # from `collect_results`
     axs[0][0].legend(fontsize=8)
     n = int(d['n_test'].max()) if 'n_test' in d and d['n_test'].notna().any() else '?'
     fig.suptitle(f"AFD's sensitivity to its loss weights (one at a time), {ARCH_NAMES.get(d['arch'].iloc[0], d['arch'].iloc[0])}, "
-                 f"{DATASET_NAMES.get(d['dataset'].iloc[0], d['dataset'].iloc[0])}, {n} test images, PGD-{d['pgd_steps'].iloc[0] if 'pgd_steps' in d else 20}", fontsize=9)
+                 f"{DATASET_NAMES.get(d['dataset'].iloc[0], d['dataset'].iloc[0])}, {n} test images, PGD-{_int(d['pgd_steps'].iloc[0]) if 'pgd_steps' in d else 20}", fontsize=9)
     fig.tight_layout()
     if path: _save_fig(fig, path)
     return fig
 
-# %% ../nbs/10b_report.ipynb #e3f5e6a6
-def _diff(a:pd.Series, b:pd.Series=None) -> tuple[float, float, int]:
-    "mean(a) − mean(b) (or mean(a) alone) with its standard error and the smaller number of seeds."
-    a = pd.to_numeric(a, errors='coerce').dropna(); b = None if b is None else pd.to_numeric(b, errors='coerce').dropna()
-    if not len(a) or (b is not None and not len(b)): return float('nan'), float('nan'), 0
-    if b is None: return a.mean(), (a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float('nan')), len(a)
-    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else float('nan')
-    return a.mean() - b.mean(), se, min(len(a), len(b))
+# %% ../nbs/10b_report.ipynb #ef19c35b
+def t_quantile(p:float,   # probability, 0 < p < 1
+               df:float,  # degrees of freedom (> 0; may be fractional, as Welch–Satterthwaite's are)
+              ) -> float:
+    "The p-quantile of Student's t distribution with df degrees of freedom."
+    return float(_student_t.ppf(p, df))
 
-def _way(d:float, se:float, sign:int=1, k:float=2.0) -> int|None:
-    "+1: the claimed way (sign · d > k·se), −1: the other way, 0: a tie, None: not measurable (one seed, no data)."
-    if math.isnan(d) or math.isnan(se): return None
-    return 1 if sign * d > k * se else -1 if sign * d < -k * se else 0
+def _by_seed(x) -> pd.Series:
+    "Numeric values by seed, missing ones dropped, duplicates of a seed averaged."
+    s = pd.to_numeric(pd.Series(x, dtype=object), errors='coerce').dropna()
+    return s.groupby(level=0).mean().astype(float)
 
-def _verdict(ways:list, rule:str='all') -> str:
-    "'all': every comparison the claimed way; 'any': one at least; either way, none the other way."
-    if any(w == -1 for w in ways): return 'does not hold'
-    if ways and (all(w == 1 for w in ways) if rule == 'all' else any(w == 1 for w in ways)): return 'holds'
-    return 'inconclusive'
+def paired_diff(a,             # setting A's values by seed (pd.Series indexed by seed, or dict seed -> value)
+                b,             # setting B's values by seed
+                ca:dict=None,  # A's per-image correctness: seed -> bool array (None: not measured)
+                cb:dict=None,  # B's per-image correctness: seed -> bool array
+               ) -> dict:
+    "Mean over the common seeds of a_s − b_s with its seed SE, image SE (when every pair has per-image data), SE and df."
+    a, b = _by_seed(a), _by_seed(b)
+    seeds = sorted(set(a.index) & set(b.index))
+    d, n = (a[seeds] - b[seeds]).to_numpy(float), len(seeds)
+    out = dict(d=float(d.mean()) if n else math.nan, n=n, N=0, se_seed=math.nan, se_image=math.nan,
+               se=math.nan, df=math.nan, level='seed-level only')
+    if n < 2: return out
+    se_s = float(d.std(ddof=1)) / math.sqrt(n)
+    out.update(se_seed=se_s, se=se_s, df=float(n - 1))
+    pairs = [((ca or {}).get(s), (cb or {}).get(s)) for s in seeds]
+    if all(x is not None and y is not None for x, y in pairs) and len({len(x) for p in pairs for x in p}) == 1 and len(pairs[0][0]) > 1:
+        D = 100 * np.mean([np.asarray(x, float) - np.asarray(y, float) for x, y in pairs], axis=0)   # % points per image
+        N, se_i = len(D), float(D.std(ddof=1)) / math.sqrt(len(D))
+        se = math.hypot(se_s, se_i)
+        df = se ** 4 / (se_s ** 4 / (n - 1) + se_i ** 4 / (N - 1)) if se > 0 else float(n - 1)
+        out.update(N=N, se_image=se_i, se=se, df=df, level='seeds and images')
+    return out
 
+def comparison_verdict(c:dict,            # from `paired_diff`
+                       sign:int=1,        # the claimed direction: +1 (A above B) or −1 (A below B)
+                       alpha:float=0.05,  # 1 − the interval's coverage (two-sided)
+                      ) -> str:
+    "holds / does not hold / inconclusive from the interval d ± t·SE; no verdict from one seed or zero spread."
+    if c['n'] < 2: return 'not testable at this scale (' + ('one seed' if c['n'] == 1 else 'no seed in common') + ')'
+    if not c['se'] > 1e-9 * abs(c['d']): return 'inconclusive (no spread)'
+    h = t_quantile(1 - alpha / 2, c['df']) * c['se']
+    return 'holds' if sign * c['d'] - h > 0 else 'does not hold' if sign * c['d'] + h < 0 else 'inconclusive'
+
+def claim_verdict(parts:list,        # the claim's comparisons: `paired_diff` dicts, each with its claimed 'sign'
+                  alpha:float=0.05,  # the family's level
+                 ) -> str:
+    "Intersection–union: holds iff every comparison holds; does not hold iff one is reversed at level alpha/k (Bonferroni)."
+    k = len(parts)
+    if not k: return 'not testable at this scale (nothing to compare)'
+    each = [comparison_verdict(p, p.get('sign', 1), alpha) for p in parts]
+    if all(v == 'holds' for v in each): return 'holds'
+    if any(comparison_verdict(p, p.get('sign', 1), alpha / k) == 'does not hold' for p in parts): return 'does not hold'
+    rest = [v for v in each if v != 'holds']
+    if (nt := [v for v in rest if v.startswith('not testable')]): return nt[0]
+    return 'inconclusive (no spread)' if all(v == 'inconclusive (no spread)' for v in rest) else 'inconclusive'
+
+# %% ../nbs/10b_report.ipynb #514b7ed6
 def _ends(met:pd.DataFrame, label:str, col:str) -> tuple[pd.Series, pd.Series]:
-    "Per run of `label`: `col` at its first epoch of training (epoch 1, where the paper's Fig. 1a starts) and at its last."
+    "Per seed of `label`: `col` at its first epoch of training (epoch 1, where the paper's Fig. 1a starts) and at its last."
     d = met[(met['label'] == label) & (met['epoch'] >= 1)].dropna(subset=[col]).sort_values('epoch') if col in met and len(met) else []
     if not len(d): return pd.Series(dtype=float), pd.Series(dtype=float)
-    g = d.groupby('run_id')[col]
-    return g.first(), g.last()
+    g = d.groupby(['seed', 'run_id'])[col]
+    return g.first().droplevel('run_id'), g.last().droplevel('run_id')
 
-# %% ../nbs/10b_report.ipynb #cb35dd9e
-def claims_table(results:pd.DataFrame, # from `collect_results`
-                 metrics:pd.DataFrame, # from `collect_metrics`
-                ) -> pd.DataFrame:
-    "The four claims above: each comparison as 'Δ ± se (n seeds)' and the verdict; only the claims the sweep can test."
-    ok = _done(results); met = metrics[metrics['run_id'].isin(ok['run_id'])] if len(metrics) and len(ok) else metrics.iloc[:0]
-    N, rows = METHOD_NAMES, []
-    has = lambda lab: len(ok) and lab in set(ok['label'])
-    fmt = lambda what, d, se, n: f"{what}: {d:+.3g}" + ('' if math.isnan(se) else f' ± {se:.2g}') + f' ({n} seed{"s" * (n != 1)})'
-    def claim(text, parts, rule):
-        if parts: rows.append(dict(claim=text, evidence='; '.join(fmt(*p[:4]) for p in parts), verdict=_verdict([p[4] for p in parts], rule)))
-    acc = [m for m in METRICS[:3] if m in ok and ok[m].notna().any()]
-    sel = lambda lab, m: ok.loc[ok['label'] == lab, m]
+def _evidence(what:str, c:dict) -> str:
+    "'PGD AFD − vAFT: +1.2, 95% CI [+0.3, +2.1] (SE 0.21, df 2 — 3 seeds, seed-level only)'."
+    if c['n'] < 2: return f"{what}: " + ('no data' if math.isnan(c['d']) else f"{c['d']:+.3g}") + f" ({c['n']} seed{'s' * (c['n'] != 1)})"
+    where = f"{c['n']} seeds × {c['N']} images" if c['N'] else f"{c['n']} seeds, seed-level only"
+    if not c['se'] > 1e-9 * abs(c['d']): return f"{what}: {c['d']:+.3g}, no spread: the same difference in every pair ({where})"
+    h = t_quantile(0.975, c['df']) * c['se']
+    return f"{what}: {c['d']:+.3g}, 95% CI [{c['d'] - h:+.3g}, {c['d'] + h:+.3g}] (SE {c['se']:.2g}, df {c['df']:.3g} — {where})"
+
+def _collapsed(ok:pd.DataFrame, labels:list, col:str, threshold:float) -> str|None:
+    "None when every setting's mean final PGD accuracy is ≥ threshold; otherwise the reason, with the values."
+    v = {l: pd.to_numeric(ok.loc[ok['label'] == l, col], errors='coerce').mean() for l in labels}
+    if all(x >= threshold for x in v.values()): return None
+    steps = _int(ok['pgd_steps'].dropna().iloc[0]) if 'pgd_steps' in ok and ok['pgd_steps'].notna().any() else '20'
+    return f'not past the collapse: final PGD-{steps} ' + ', '.join(f'{l} {x:.1f}%' for l, x in v.items()) + f', below {threshold:g}%'
+
+def _claims_one(ok, met, correct:dict, pre:str, gap:str, threshold:float) -> list[dict]:
+    "The four claims for one (dataset, architecture): rows of claim, evidence, verdict."
+    N, rows, has = METHOD_NAMES, [], lambda lab: lab in set(ok['label'])
+    val = lambda lab, col: ok[ok['label'] == lab].set_index('seed')[col]
+    cor = lambda lab, k: {r.seed: correct[r.run_id][k] for r in ok[ok['label'] == lab].itertuples() if k in correct.get(r.run_id, {})}
+    def claim(text, parts, reason=None):
+        if parts: rows.append(dict(claim=text, evidence='; '.join(_evidence(w, c) for w, c in parts),
+                                   verdict=f'not testable at this scale ({reason})' if reason else claim_verdict([c for _, c in parts])))
+    acc = [m for m in METRICS[:3] if pre + m in ok and ok[pre + m].notna().any()]
+    cmp = lambda a, b, m: dict(paired_diff(val(a, pre + m), val(b, pre + m), cor(a, pre + m), cor(b, pre + m)), sign=1)
     if has(N['afd']) and has(N['vaft']):
-        claim('1. AFD beats vAFT in clean and robust accuracy (%)',
-              [(f'{m} AFD − vAFT', *(x := _diff(sel(N['afd'], m), sel(N['vaft'], m))), _way(x[0], x[1])) for m in acc], 'all')
-    for col, what in (('gap.linf', 'absolute'), ('gap.linf_rel', 'relative')):
-        parts = []
-        for meth in ('vaft', 'rgkd', 'arrest'):
-            first, last = _ends(met, N[meth], col)
-            if len(last): parts.append((f'{N[meth]} last epoch − epoch 1', *(x := _diff(last - first)), _way(x[0], x[1])))
-        claim(f'2. the {what} L∞ gap of the baselines widens during fine-tuning', parts, 'all')
-        parts = []
-        for c, feat in ((col, 'g(x)'), (col.replace('gap.', 'gap.d1_'), 'D1·g(x)')):
-            a, b = _ends(met, N['afd'], c)[1], _ends(met, N['vaft'], col)[1]
-            if len(a) and len(b): parts.append((f'AFD {feat} − vAFT g(x), last epoch', *(x := _diff(a, b)), _way(x[0], x[1], -1)))
-        claim(f'3. AFD\'s {what} L∞ gap stays below vAFT\'s', parts, 'all')
+        claim('1. AFD beats vAFT in clean and robust accuracy (%)', [(f'{m} AFD − vAFT', cmp(N['afd'], N['vaft'], m)) for m in acc])
+    for col, what in ((gap + 'linf', 'absolute'), (gap + 'linf_rel', 'relative')):
+        parts = [(f'{N[m]} last epoch − epoch 1', dict(paired_diff(*_ends(met, N[m], col)[::-1]), sign=1))
+                 for m in ('vaft', 'rgkd', 'arrest') if len(_ends(met, N[m], col)[1])]
+        claim(f'2. the {what} L∞ gap of the baselines widens during fine-tuning', parts,
+              _collapsed(ok, [w.split(' last')[0] for w, _ in parts], pre + 'PGD', threshold))
+        parts = [(f'AFD {feat} − vAFT g(x), last epoch', dict(paired_diff(_ends(met, N['afd'], c)[1], _ends(met, N['vaft'], col)[1]), sign=-1))
+                 for c, feat in ((col, 'g(x)'), (col.replace('linf', 'd1_linf'), 'D1·g(x)'))
+                 if len(_ends(met, N['afd'], c)[1]) and len(_ends(met, N['vaft'], col)[1])]
+        claim(f"3. AFD's {what} L∞ gap stays below vAFT's", parts, _collapsed(ok, [N['afd'], N['vaft']], pre + 'PGD', threshold))
     for k, loss in (('α', 'L_dis'), ('β', 'L_sep'), ('γ', 'L_align')):
-        abl = f"{N['afd']} ({k}=0)"
-        if has(N['afd']) and has(abl):
-            claim(f'4. {loss} contributes: AFD beats AFD without it ({k} = 0) (%)',
-                  [(f'{m} AFD − ({k}=0)', *(x := _diff(sel(N['afd'], m), sel(abl, m))), _way(x[0], x[1])) for m in acc], 'any')
-    return pd.DataFrame(rows, columns=['claim', 'evidence', 'verdict'])
+        if has(N['afd']) and has(abl := f"{N['afd']} ({k}=0)"):
+            claim(f'4. {loss} contributes: AFD beats AFD without it ({k} = 0) (%)', [(f'{m} AFD − ({k}=0)', cmp(N['afd'], abl, m)) for m in acc])
+    return rows
+
+# %% ../nbs/10b_report.ipynb #8da31ff3
+def claims_table(results:pd.DataFrame,  # from `collect_results`
+                 metrics:pd.DataFrame,  # from `collect_metrics`
+                 correct:dict=None,     # from `collect_correct` (None: seed-level only)
+                 weights:str='ema',     # 'ema' (Clean, PGD, AA; gap.*) or 'raw' (raw_* columns; raw.gap.*)
+                 threshold:float=8.0,   # final PGD accuracy (%) both methods need before the gap claims are tested
+                ) -> pd.DataFrame:
+    "The paper's claims per (dataset, architecture): each comparison with its 95% interval, one verdict per claim."
+    cols, pre = ['setup', 'claim', 'evidence', 'verdict'], '' if weights == 'ema' else 'raw_'
+    ok = _done(results)
+    if pre and len(ok): ok = ok[ok[f'{pre}Clean'].notna()] if f'{pre}Clean' in ok else ok.iloc[:0]
+    if not len(ok): return pd.DataFrame(columns=cols)
+    met = metrics[metrics['run_id'].isin(ok['run_id'])] if len(metrics) and 'run_id' in metrics else pd.DataFrame()
+    rows = []
+    for (arch, ds), g in ok.groupby(['arch', 'dataset'], sort=False, dropna=False):
+        m = met[met['run_id'].isin(g['run_id'])] if len(met) else met
+        setup = f'{ARCH_NAMES.get(arch, arch)} / {DATASET_NAMES.get(ds, ds)}'
+        rows += [dict(setup=setup, **r) for r in _claims_one(g, m, correct or {}, pre, 'gap.' if not pre else 'raw.gap.', threshold)]
+    return pd.DataFrame(rows, columns=cols)
 
 # %% ../nbs/10b_report.ipynb #dee31582
 def progress(sweep_dir,   # runs/<sweep>
@@ -414,7 +549,7 @@ def _setup_lines(res:pd.DataFrame) -> list[str]:
         get = lambda k: r[k] if k in g and pd.notna(r[k]) else None
         ntr = get('n_train'); nt = g['n_test'].dropna() if 'n_test' in g else pd.Series(dtype=float)
         s = (f"* **{DATASET_NAMES.get(ds, ds)}**, data flavour **{get('flavour') or 'default'}**: fine-tuned on "
-             f"{'all' if ntr is None else int(ntr)} training images for {get('epochs')} epoch(s); Clean and PGD-{get('pgd_steps') or 20} "
+             f"{'all' if ntr is None else int(ntr)} training images for {_int(get('epochs'))} epoch(s); Clean and PGD-{_int(get('pgd_steps') or 20)} "
              f"on the first {int(nt.max()) if len(nt) else '?'} test images")
         aa = g['aa'].dropna() if 'aa' in g else pd.Series(dtype=object)
         naa = g['n_aa'].dropna() if 'n_aa' in g else pd.Series(dtype=float)
@@ -461,9 +596,42 @@ def _figures(L:list, sweep_dir:Path, res:pd.DataFrame, met:pd.DataFrame, cfg:dic
         L += [_md(epoch_table(met)), '', 'Accuracies in %, gaps in feature units; mean ± sd over seeds, on each run\'s '
               'fixed held-out images. `gap.d1_*` is measured after D1 (AFD only); `*_rel` is divided by the mean '
               'clean-feature norm.', '']
+    if (fig := plot_raw_ema(met, res, sweep_dir/'raw_ema.png')) is not None:
+        plt.close(fig); L += ['## AFD: EMA and raw weights per epoch', '', '![AFD, EMA and raw weights](raw_ema.png)', '']
+    if (fig := plot_dis(met if few else afd, res, sweep_dir/'disentangler.png')) is not None:   # no 1-seed runs beside means
+        plt.close(fig); L += ['## The disentangler per epoch', '', '![the disentangler per epoch](disentangler.png)', '',
+                              '`L_sep` is the mean cos(f1, f2) as the loss uses it; ‖D − I‖_F of the raw weights at the end of '
+                              "each epoch; D2's accuracy on ỹ over the epoch's training adversarial examples.", '']
     fig = plot_sensitivity(res, cfg.get('defaults'), sweep_dir/'sensitivity.png')
     if fig is not None:
         plt.close(fig); L += ['## Sensitivity to α, β, γ', '', '![sensitivity](sensitivity.png)', '']
+
+# %% ../nbs/10b_report.ipynb #0a829de3
+CLAIMS_RULE = ("Each comparison pairs runs by seed within one dataset and architecture: Δ = mean over seeds of the per-seed "
+    "differences, with its 95% interval Δ ± t(0.975, df)·SE. SE combines the seed-level SE, sd(d_s)/√n, with the test-set "
+    "SE from per-image correctness, sd(D_i)/√N, as √(SE_seed² + SE_image²) (conservative: the seed × image interaction "
+    "enters both terms), df by Welch–Satterthwaite; rows marked *seed-level only* had no per-image data (SE_seed, df = n − 1). "
+    "A comparison holds when its interval excludes 0 on the claimed side, does not hold when it excludes 0 on the other "
+    "side, and is inconclusive otherwise; zero spread or one seed decide nothing. A claim of k comparisons holds when all "
+    "hold (intersection–union), does not hold when one excludes 0 on the other side at the Bonferroni level 0.05/k, and "
+    "is inconclusive otherwise. The gap claims are tested only past the collapse (every compared method's final PGD "
+    "accuracy ≥ {threshold:g}%). Only finished runs count; see 10b_report for the derivation.")
+
+def _claims_section(L:list, sweep_dir:Path, res:pd.DataFrame, met:pd.DataFrame, cor:dict, threshold:float=8.0):
+    "The verdicts, EMA (main) and raw weights, into claims.csv / claims_raw.csv and the report lines L."
+    cl = claims_table(res, met, cor, 'ema', threshold)
+    if not len(cl): return
+    old = not ('raw_Clean' in res and res['raw_Clean'].notna().any())
+    _atomic_write_text(sweep_dir/'claims.csv', cl.to_csv(index=False))
+    L += ["## The paper's claims at this scale", '', CLAIMS_RULE.format(threshold=threshold), '',
+          '### EMA weights (main comparison)' if not old else
+          "### Each run's evaluated model (these runs predate tracking both weights: no EMA-against-EMA comparison)",
+          '', _md(cl, index=False), '']
+    if not cor: L += ['No run stored per-image correctness (correct.npz): every interval is seed-level only.', '']
+    raw = claims_table(res, met, cor, 'raw', threshold)
+    if len(raw):
+        _atomic_write_text(sweep_dir/'claims_raw.csv', raw.to_csv(index=False))
+        L += ['### Raw weights, beside the main comparison', '', _md(raw, index=False), '']
 
 # %% ../nbs/10b_report.ipynb #8a1ad21d
 def write_report(sweep_dir,       # runs/<sweep>
@@ -491,22 +659,20 @@ def write_report(sweep_dir,       # runs/<sweep>
     if len(s):
         _atomic_write_text(sweep_dir/'summary.csv', s.to_csv(index=False))
         L += ['## Results: mean ± sd over seeds (%)', '', _md(_summary_md(s), index=False), '',
-              '`runs`: finished runs of the setting (its seeds); sd is the sample standard deviation (n − 1).', '']
+              '`runs`: finished runs of the setting (its seeds); sd is the sample standard deviation (n − 1). '
+              + ('EMA weights; the raw weights\' numbers are the `raw_*` columns of results.csv.' if 'raw_Clean' in res else ''), '']
     for arch in [a for a in dict.fromkeys(s['arch'] if len(s) else []) if a is not None]:
         t = paper_table(res, arch)
         _atomic_write_text(sweep_dir/f'table_{arch}.csv', t.to_csv())
         L += [f'## Beside the paper: {ARCH_NAMES.get(arch, arch)}, Clean / PGD / AA / Avg (%)', '', _md(t), '',
-              "`ours`: mean over seeds of each run's evaluated (EMA/final) model; `paper`: the paper's results tables"
+              "`ours`: mean over seeds of each run's EMA weights (runs written before both weights were tracked: the model "
+              "the run evaluated); `paper`: the paper's results tables"
               + ('' if arch in PAPER else f" (the paper has no {ARCH_NAMES.get(arch, arch)}: its ResNet-18 numbers, full data, for orientation only)")
               + ". `–`: not measured; `†`: Avg of Clean and PGD only (no AutoAttack), not comparable with the paper's Avg.", '']
     met = collect_metrics(sweep_dir, res)
     if len(met): _atomic_write_text(sweep_dir/'epochs.csv', met.to_csv(index=False))
     _figures(L, sweep_dir, res, met, cfg)
-    cl = claims_table(res, met)
-    if len(cl):
-        _atomic_write_text(sweep_dir/'claims.csv', cl.to_csv(index=False))
-        L += ["## The paper's claims at this scale", '', _md(cl, index=False), '',
-              'Δ ± se over seeds; a comparison counts when |Δ| > 2 se (see 10b_report); only finished runs count.', '']
+    _claims_section(L, sweep_dir, res, met, collect_correct(sweep_dir, list(res['run_id'])))
     cols = [c for c in ['run_id', 'label', 'seed', 'state', 'Clean', 'PGD', 'AA', 'Avg', 'elapsed_s', 'cpu_s', 'attempts'] if c in res]
     L += ['## Runs', '', _md(res[cols], index=False), '']
     bad = res[res['state'].eq('failed')]
