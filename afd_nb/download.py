@@ -170,19 +170,19 @@ def _fetch_once(url, dest: Path, checksum: str, limit: int, progress: bool, note
     "Stream `url` to a temporary file beside `dest` (at most `limit` bytes); rename it to `dest` only if complete with the expected checksum."
     algo, want = checksum.split(':')
     tmp, h = dest.with_name(f'.{dest.name}.part{os.getpid()}'), hashlib.new(algo)
-    too_big = lambda n: DownloadError(f'{dest.name} from {url}: the server sends {n}, more than the {limit:,} bytes of the '
-                                      'file it should be; cut off, nothing was kept (check AFD_MIRROR)')
+    too_big = lambda n: DownloadError(f'{dest.name} from {url} is larger than the {limit:,} bytes it should be (the server '
+                                      f'{n}); cut off, nothing was kept (check AFD_MIRROR)')
     try:
         req = urllib.request.Request(url, headers={'User-Agent': 'afd_nb'})
         with urllib.request.urlopen(req, timeout=60) as resp, open(tmp, 'wb') as f:
             total = int(resp.headers.get('Content-Length') or 0) or None
-            if total is not None and total > limit: raise too_big(f'{total:,} bytes')
+            if total is not None and total > limit: raise too_big(f'announces {total:,} bytes')
             note(total)
             with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress,
                       mininterval=0.5, file=sys.stderr) as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk); h.update(chunk); bar.update(len(chunk))
-                    if f.tell() > limit: raise too_big(f'more than {f.tell():,} bytes')
+                    if f.tell() > limit: raise too_big(f'sent {f.tell():,} bytes so far')
             if total is not None and f.tell() != total:
                 raise _Dropped(f'the connection closed after {f.tell():,} of {total:,} bytes')
             f.flush(); os.fsync(f.fileno())
