@@ -423,7 +423,7 @@ def _check_labels(raw: _Raw, what: str):
     "Every label of the split is a class index (0..len(classes)-1); else DataFileError naming the source, at load time."
     k, y = len(raw.classes), raw.y
     bad = np.flatnonzero((y < 0) | (y >= k))
-    if len(bad): raise DataFileError(f'{raw.source}: label {y[bad[0]]} (row {bad[0]} of {what}, {len(bad)} such rows) is not a '
+    if len(bad): raise DataFileError(f'{raw.source}: label {y[bad[0]]} at row {bad[0]} of {what} ({len(bad)} bad row{"s" * (len(bad) > 1)} in all) is not a '
                                      f'class index 0..{k - 1} of its {k} classes; the file is damaged or belongs to another '
                                      f'dataset: replace it with a good copy, or move it out of {Path(raw.source).parent}{os.sep}')
 

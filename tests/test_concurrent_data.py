@@ -116,7 +116,7 @@ def test_a_process_that_waited_uses_the_file(fresh_data, monkeypatch, server, tm
                               env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert holder.stdout.readline().strip() == 'held'
     got, err = {}, ''
-    t = threading.Thread(target=lambda: got.setdefault('path', obtain(C10, progress=False))); t.start()
+    t = threading.Thread(target=lambda: got.setdefault('path', obtain(C10))); t.start()
     while 'waiting for another process' not in err and t.is_alive(): time.sleep(0.05); err += capfd.readouterr().err
     assert f'afd_nb: waiting for another process that is fetching or unpacking {C10} in {fresh_data}{os.sep}' in err
     assert t.is_alive() and srv.requests == []          # waiting for the lock, not fetching
@@ -166,7 +166,7 @@ def test_stale_leftovers_of_dead_processes_are_removed(fresh_data, monkeypatch, 
         for pid in (dead.pid, alive.pid):
             (fresh_data/f'.{C10}.part{pid}').write_bytes(b'half a download')
             (fresh_data/f'.cifar-10-batches-py.unpack{pid}'/'cifar-10-batches-py').mkdir(parents=True)
-        assert obtain(C10, progress=False) == fresh_data/'cifar-10-batches-py'
+        assert obtain(C10) == fresh_data/'cifar-10-batches-py'
         assert sorted(os.listdir(fresh_data)) == sorted(['cifar-10-batches-py', C10, f'.{C10}.part{alive.pid}',
                                                          f'.cifar-10-batches-py.unpack{alive.pid}'])   # the live one's: kept
     finally: alive.stdin.close(); alive.wait()
@@ -180,7 +180,7 @@ def test_download_larger_than_the_pinned_size_is_cut_off(fresh_data, monkeypatch
     (mirror/R20).write_bytes(b'\0' * (limit + (3 << 20)))
     srv = server(mirror, no_length=no_length)
     monkeypatch.setenv('AFD_MIRROR', srv.url)
-    with pytest.raises(DownloadError) as e: obtain(R20, progress=False)
+    with pytest.raises(DownloadError) as e: obtain(R20)
     msg = str(e.value)
     assert f'{R20} from {srv.url}/{R20} is larger than the {limit:,} bytes it should be (the server ' in msg
     assert 'cut off, nothing was kept' in msg and len(srv.requests) == 1        # not retried
@@ -194,7 +194,7 @@ def test_mirror_checksum_replacing_the_pinned_one_is_said(fresh_data, monkeypatc
     mirror, manifest, _ = _synthetic_mirror(tmp_path)
     srv = server(mirror)
     monkeypatch.setenv('AFD_MIRROR', srv.url); monkeypatch.setenv('AFD_MIRROR_CHECKSUMS', str(manifest))
-    obtain(C10, progress=False)
+    obtain(C10)
     err = capfd.readouterr().err.splitlines()
     md5 = manifest.read_text().split()[0]
     said = [l for l in err if 'replaces the pinned' in l]
@@ -206,7 +206,8 @@ def test_mirror_checksum_replacing_the_pinned_one_is_said(fresh_data, monkeypatc
 def test_two_job_sweep_on_an_empty_data_folder(tmp_path, server, cifar10_train, cifar10_test):
     """Two tiny fine-tunes (vaft, afd) started together by run_sweep(jobs=2), from a package copy without a data folder,
     through a mirror serving a small real CIFAR-10 archive and the ResNet-20 weights: both finish, each file fetched once."""
-    w = obtain_or_skip('ResNet-20 weights', lambda dl: DL.obtain(R20, download=dl, progress=False))
+    from afd_nb.models import pretrained_path
+    w = obtain_or_skip('ResNet-20 weights', lambda dl: pretrained_path('resnet20', download=dl))
     mirror = tmp_path/'mirror'; mirror.mkdir()
     cifar10_archive(mirror/C10, cifar10_train.x[:64].numpy(), cifar10_train.y[:64].numpy(), cifar10_test.x[:16].numpy(),
                     cifar10_test.y[:16].numpy(), cifar10_train.classes)
