@@ -218,7 +218,10 @@ def fetch(r:Remote, # what to fetch
          ) -> Path:
     "Download `r` into `folder` atomically (temporary file, checksum, rename) with a one-line note and a progress bar."
     url, checksum, origin = source(r)
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    try: folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise DownloadError(f'cannot fetch {r.name}: cannot create {folder}{os.sep} ({e.strerror or e}); '
+                                             'set AFD_DATA to a folder you can write to') from e
     dest, said = folder/r.name, []
     if origin != 'pinned':
         _say(f'{r.name}: the checksum {checksum} from AFD_MIRROR_CHECKSUMS={os.environ["AFD_MIRROR_CHECKSUMS"]} replaces '
@@ -302,6 +305,9 @@ def _locked(folder: Path, name: str):
             mine, now = os.fstat(f.fileno()), os.stat(p)               # still the lock file, not one removed meanwhile?
             if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino): break
         except FileNotFoundError: pass
+        except OSError as e:                                           # a file system without locks: go on without
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS): f.close(); raise
+            f.close(); p.unlink(missing_ok=True); yield; return
         except BaseException: f.close(); raise
         f.close()
     try: yield
@@ -369,5 +375,6 @@ def obtain(name:str, # a file name in REMOTES
         with _locked(folder, r.name): return _get(r, folder, allowed, what, tried, progress)
     except DataNotFoundError: raise
     except OSError as e:
-        raise DownloadError(f'{what}: cannot write to {folder}{os.sep} ({e.strerror or e}): free some space or fix its '
+        where = f': {e.filename}' if e.filename else ''
+        raise DownloadError(f'{what}: cannot use {folder}{os.sep} ({e.strerror or e}{where}): free some space or fix its '
                             'permissions, or set AFD_DATA to a folder you can write to') from e

@@ -150,8 +150,11 @@ def test_no_raw_oserror(tmp_path, monkeypatch):
     monkeypatch.setattr(DL, 'project_data_dir', lambda: tmp_path/'data')
     monkeypatch.delenv('AFD_DATA', raising=False)
     blocker = tmp_path/'a-file'; blocker.write_text('')  # a data folder that is a file: nothing can be written there
-    with pytest.raises(DownloadError, match=f'resnet20 weights: cannot write to {blocker}/weights/'):
-        obtain(R20, root=blocker, what='resnet20 weights', download=True)
+    with pytest.raises(DownloadError) as e: obtain(R20, root=blocker, what='resnet20 weights', download=True)
+    msg = str(e.value)
+    assert msg.startswith(f'resnet20 weights: cannot use {blocker}/weights/ (') and msg.endswith('set AFD_DATA to a folder you can write to')
+    with pytest.raises(DownloadError, match=f'cannot fetch {R20}: cannot create {blocker}/weights/'):
+        DL.fetch(REMOTES[R20], blocker/'weights')
 
 
 # ---------------------------------------------------------------- leftovers, oversize downloads, the mirror's checksum
