@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #1290a6c3
 from __future__ import annotations
-import io, os, pickle, re
+import codecs, io, os, pickle, re, zipfile, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .download import DataNotFoundError, DownloadError, _roots, data_roots, obtain
+from .download import DataFileError, DataNotFoundError, DownloadError, _roots, data_roots, obtain
 
 # %% auto #0
 __all__ = ['FLAVOURS', 'clear_cache', 'ImageDataset', 'get_dataset', 'show_batch', 'augment_batch', 'BatchLoader']
@@ -32,18 +32,72 @@ def clear_cache():
     "Forget every cached array and decoded image (frees memory; the next call reads and decodes again)."
     _CACHE.clear()
 
+_BROKEN = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError)
+
 def _npz(path: Path, key: str) -> np.ndarray:
-    "One array of an npz file, read once per process."
+    "One array of an npz file, read once per process; a file that cannot be read raises DataFileError naming it."
     def make():
-        with np.load(path, allow_pickle=False) as z: return z[key]
+        fix = f'replace it with a complete copy, or move it out of {path.parent}{os.sep}'
+        try: z = np.load(path, allow_pickle=False)
+        except _BROKEN as e: raise DataFileError(f'cannot read {path}: it is truncated or not an npz file ({_short(e)}); {fix}') from None
+        if not hasattr(z, 'files'): raise DataFileError(f'{path} holds one .npy array, not an npz archive of named arrays; {fix}')
+        with z:
+            if key not in z.files: raise DataFileError(f'{path} has no array {key!r} (it holds {", ".join(z.files) or "nothing"}); {fix}')
+            try: return z[key]
+            except _BROKEN as e: raise DataFileError(f'cannot read {key!r} from {path}: it is damaged ({_short(e)}); {fix}') from None
     return _cached(('npz', *_fkey(path), key), make)
 
+def _short(e: Exception) -> str: return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+
+def _images(a: np.ndarray, path: Path, key: str, tail: tuple) -> np.ndarray:
+    "`a` (the array `key` of `path`) if it holds uint8 images of shape (N, *tail) (None: any size); else DataFileError."
+    ok = isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == len(tail) + 1 and \
+         all(t is None or t == s for t, s in zip(tail, a.shape[1:]))
+    if ok: return a
+    got = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else type(a).__name__
+    want = ', '.join('?' if t is None else str(t) for t in tail)
+    raise DataFileError(f'{path}: {key} holds {got}, not uint8 images (N, {want}); the file is damaged or was written by '
+                        f'another tool: replace it with a good copy, or move it out of {path.parent}{os.sep}')
+
+def _labels(a, path: Path, key: str) -> np.ndarray:
+    "`a` as int64 labels if it is a 1-D integer array or list; else DataFileError naming `path`."
+    a = np.asarray(a)
+    if a.ndim == 1 and (a.dtype.kind in 'iu' or len(a) == 0): return a.astype(np.int64)
+    raise DataFileError(f'{path}: {key} holds {a.dtype} {a.shape}, not integer labels (N,); the file is damaged or was '
+                        f'written by another tool: replace it with a good copy, or move it out of {path.parent}{os.sep}')
+
+# %% ../nbs/00_data.ipynb #08cde2bb
+try: from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError: from numpy.core.multiarray import _reconstruct as _np_reconstruct   # numpy < 1.26
+
+_PICKLE_GLOBALS = {('numpy.core.multiarray', '_reconstruct'): _np_reconstruct, ('numpy._core.multiarray', '_reconstruct'): _np_reconstruct,
+                   ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode,
+                   ('__builtin__', 'bytes'): bytes, ('builtins', 'bytes'): bytes}
+
+class _Refused(pickle.UnpicklingError): "A pickle asked for a global that official CIFAR files never need."
+
+class _CifarUnpickler(pickle.Unpickler):
+    "Unpickles only what official CIFAR batch files hold: dicts, lists, strings, numbers and numpy arrays."
+    def find_class(self, module, name):
+        try: return _PICKLE_GLOBALS[module, name]
+        except KeyError: raise _Refused(f'{module}.{name}') from None
+
 def _unpickle(path: Path) -> dict:
-    "One official CIFAR pickle (Python-2 protocol; latin1), read once per process."
+    "One official CIFAR pickle (Python-2 protocol; latin1), read once per process with `_CifarUnpickler`."
+    fix = f'delete {path.parent}{os.sep} and run again to unpack the official archive, or replace the file with the official one'
     def make():
-        with open(path, 'rb') as f: return pickle.load(f, encoding='latin1')
+        try:
+            with open(path, 'rb') as f: obj = _CifarUnpickler(f, encoding='latin1').load()
+        except _Refused as e:
+            raise DataFileError(f'refusing to unpickle {path}: it asks for {e}, which no official CIFAR file needs (unpickling '
+                                f'it could run code from the file); {fix}') from None
+        except Exception as e:
+            raise DataFileError(f'cannot read {path}: it is truncated or not a CIFAR batch file ({_short(e)}); {fix}') from None
+        if not isinstance(obj, dict): raise DataFileError(f'{path} holds a {type(obj).__name__}, not the dict of a CIFAR batch file; {fix}')
+        return obj
     return _cached(('pickle', *_fkey(path)), make)
 
+# %% ../nbs/00_data.ipynb #6f6d6086
 def _decode_jpeg(b, size: int) -> np.ndarray:
     "Decode one JPEG (bytes) to uint8 (3,size,size) RGB; greyscale files are converted."
     im = Image.open(io.BytesIO(b))
@@ -110,13 +164,15 @@ def _rows(x: np.ndarray) -> Callable:
 
 def _nchw(path: Path, key: str) -> np.ndarray:
     "An NHWC uint8 npz array as a cached contiguous NCHW array."
-    return _cached(('nchw', *_fkey(path), key), lambda: np.ascontiguousarray(_npz(path, key).transpose(0, 3, 1, 2)))
+    return _cached(('nchw', *_fkey(path), key),
+                   lambda: np.ascontiguousarray(_images(_npz(path, key), path, key, (None, None, 3)).transpose(0, 3, 1, 2)))
 
+# %% ../nbs/00_data.ipynb #1a424783
 # ---------------------------------------------------------------- CIFAR-10
 def _c10_subset_npz(root: Path, split: str) -> _Layout:
     p = root/'cifar10_subset.npz'
     def load():
-        return _Raw(_npz(p, f'y_{split}').astype(np.int64), _strs(_npz(p, 'class_names')), p, _rows(_nchw(p, f'x_{split}')))
+        return _Raw(_labels(_npz(p, f'y_{split}'), p, f'y_{split}'), _strs(_npz(p, 'class_names')), p, _rows(_nchw(p, f'x_{split}')))
     return _Layout([p], load)
 
 def _c10_rebuilt(d: Path) -> bool:
@@ -132,8 +188,8 @@ def _c10_pickles(root: Path, split: str, exact: bool) -> _Layout:
     files = _c10_batches(d, split)[:1] if exact else _c10_batches(d, split)
     def load():
         bs = [_unpickle(f) for f in files]
-        x = np.concatenate([b['data'] for b in bs]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([b['labels'] for b in bs]).astype(np.int64)
+        x = np.concatenate([_images(b.get('data'), f, 'data', (3072,)) for b, f in zip(bs, files)]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([_labels(b.get('labels'), f, 'labels') for b, f in zip(bs, files)])
         if exact:
             k = 4000 if split == 'train' else 1000
             x, y = x[:k], y[:k]
@@ -148,27 +204,29 @@ def _c10_jpeg_npz(root: Path, split: str) -> _Layout:
     p = root/'cifar10_jpeg.npz'
     def load():
         st = _npz_jpeg_store(p, split, 32)
-        return _Raw(_npz(p, f'y_{split}').astype(np.int64), _strs(_npz(p, 'class_names')), p, st.get,
+        return _Raw(_labels(_npz(p, f'y_{split}'), p, f'y_{split}'), _strs(_npz(p, 'class_names')), p, st.get,
                     'JPEG q~75 copy, rows interleaved by class')
     return _Layout([p], load)
 
+# %% ../nbs/00_data.ipynb #eb952a5c
 # ---------------------------------------------------------------- CIFAR-100
 def _c100_pickles(root: Path, split: str) -> _Layout:
     d = root/_C100_PICKLES
     f = d/('train' if split == 'train' else 'test')
     def load():
         b = _unpickle(f)
-        x = b['data'].reshape(-1, 3, 32, 32)
-        return _Raw(np.asarray(b['fine_labels'], np.int64), list(_unpickle(d/'meta')['fine_label_names']), d, _rows(x))
+        x = _images(b.get('data'), f, 'data', (3072,)).reshape(-1, 3, 32, 32)
+        return _Raw(_labels(b.get('fine_labels'), f, 'fine_labels'), list(_unpickle(d/'meta')['fine_label_names']), d, _rows(x))
     return _Layout([f, d/'meta'], load)
 
 def _c100_sample_npz(root: Path, split: str) -> _Layout:
     p = root/'cifar100_subset.npz'
     def load():
-        return _Raw(_npz(p, 'y_train').astype(np.int64), _strs(_npz(p, 'fine_label_names')), p, _rows(_nchw(p, 'x_train')),
+        return _Raw(_labels(_npz(p, 'y_train'), p, 'y_train'), _strs(_npz(p, 'fine_label_names')), p, _rows(_nchw(p, 'x_train')),
                     'official train[0:100] only')
     return _Layout([p], load)
 
+# %% ../nbs/00_data.ipynb #5075d086
 # ---------------------------------------------------------------- Tiny-ImageNet
 def _num(fname: str) -> int:
     "The image number in `n02124075_17.JPEG` or `val_17.JPEG`."
@@ -182,42 +240,46 @@ def _tiny_names(wnids: list[str], words: dict) -> list[str]:
     "Readable class names: the first WordNet gloss of each wnid (the wnid itself when unknown)."
     return [words.get(w, w).split(',')[0].strip() for w in wnids]
 
+# %% ../nbs/00_data.ipynb #16842a7c
+def _tiny_words(d: Path) -> dict:
+    "wnid -> gloss from words.txt (empty when the file is missing)."
+    if not (d/'words.txt').exists(): return {}
+    return dict(line.partition('\t')[::2] for line in (d/'words.txt').read_text().splitlines())
+
+def _tiny_train_files(d: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
+    "The training JPEGs of the tree (train/<wnid>/images/ or train/<wnid>/) in the interleaved order, and their labels."
+    files, y = [], []
+    for c, w in enumerate(wnids):
+        fd = d/'train'/w/'images'
+        if not fd.is_dir(): fd = d/'train'/w
+        fs = sorted(f for f in os.listdir(fd) if f.lower().endswith(('.jpeg', '.jpg')))
+        files += [fd/f for f in fs]; y += [c] * len(fs)
+    y = np.array(y, np.int64); order = _interleave(y, [f.name for f in files])
+    return [files[i] for i in order], y[order]
+
+def _tiny_val_files(d: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
+    "The validation JPEGs listed in val_annotations.txt, in the order val_0, val_1, ..., and their labels."
+    rows = [l.split('\t')[:2] for l in (d/'val'/'val_annotations.txt').read_text().splitlines() if l.strip()]
+    rows.sort(key=lambda r: _num(r[0]))
+    cls = {w: i for i, w in enumerate(wnids)}
+    def where(f, w):
+        for c in (d/'val'/'images'/f, d/'val'/w/f, d/'val'/w/'images'/f):
+            if c.exists(): return c
+        raise DataNotFoundError(f'{f} (class {w}) listed in val_annotations.txt is missing under {d/"val"}')
+    return [where(f, w) for f, w in rows], np.array([cls[w] for _, w in rows], np.int64)
+
 def _tiny_tree(root: Path, split: str) -> _Layout:
     d = root/_TINY_TREE
     needed = [d/'wnids.txt', d/'train'] if split == 'train' else [d/'wnids.txt', d/'val'/'val_annotations.txt']
     def load(): return _cached(('tinytree', str(d.resolve()), split), _load)
     def _load():
         wnids = (d/'wnids.txt').read_text().split()
-        words = {}
-        if (d/'words.txt').exists():
-            for line in (d/'words.txt').read_text().splitlines():
-                k, _, v = line.partition('\t')
-                words[k] = v
-        cls = {w: i for i, w in enumerate(wnids)}
-        if split == 'train':
-            files, y = [], []
-            for w in wnids:
-                fd = d/'train'/w/'images'
-                if not fd.is_dir(): fd = d/'train'/w
-                fs = sorted(f for f in os.listdir(fd) if f.lower().endswith(('.jpeg', '.jpg')))
-                files += [fd/f for f in fs]; y += [cls[w]] * len(fs)
-            y = np.array(y, np.int64)
-            order = _interleave(y, [f.name for f in files])
-        else:
-            rows = [l.split('\t')[:2] for l in (d/'val'/'val_annotations.txt').read_text().splitlines() if l.strip()]
-            rows.sort(key=lambda r: _num(r[0]))
-            def where(f, w):
-                for c in (d/'val'/'images'/f, d/'val'/w/f, d/'val'/w/'images'/f):
-                    if c.exists(): return c
-                raise DataNotFoundError(f'{f} (class {w}) listed in val_annotations.txt is missing under {d/"val"}')
-            files = [where(f, w) for f, w in rows]
-            y = np.array([cls[w] for _, w in rows], np.int64)
-            order = np.arange(len(files))
-        files = [files[i] for i in order]
+        files, y = (_tiny_train_files if split == 'train' else _tiny_val_files)(d, wnids)
         st = _JpegStore(len(files), 64, lambda i: files[i].read_bytes())
-        return _Raw(y[order], _tiny_names(wnids, words), d, st.get, meta=dict(wnids=wnids))
+        return _Raw(y, _tiny_names(wnids, _tiny_words(d)), d, st.get, meta=dict(wnids=wnids))
     return _Layout(needed, load)
 
+# %% ../nbs/00_data.ipynb #269c187b
 def _tiny_npz(root: Path, split: str) -> _Layout:
     pv = root/'tiny_imagenet_val.npz'
     def words(wnids):
@@ -226,13 +288,13 @@ def _tiny_npz(root: Path, split: str) -> _Layout:
     if split == 'test':
         def load():
             wnids = _strs(_npz(pv, 'wnids'))
-            return _Raw(_npz(pv, 'y_val').astype(np.int64), _tiny_names(wnids, words(wnids)), pv,
+            return _Raw(_labels(_npz(pv, 'y_val'), pv, 'y_val'), _tiny_names(wnids, words(wnids)), pv,
                         _npz_jpeg_store(pv, 'val', 64).get, meta=dict(wnids=wnids))
         return _Layout([pv], load)
     parts = [root/p for p in _TINY_PARTS]
     def load():
         wnids = _strs(_npz(parts[0], 'wnids'))
-        ys = [_npz(p, 'y_train').astype(np.int64) for p in parts]
+        ys = [_labels(_npz(p, 'y_train'), p, 'y_train') for p in parts]
         files = sum((_strs(_npz(p, 'train_file')) for p in parts), [])
         y = np.concatenate(ys)
         order = _interleave(y, files)
@@ -274,6 +336,8 @@ _NO_DOWNLOAD = {  # (name, flavour) that no official archive provides
 }
 
 # %% ../nbs/00_data.ipynb #a54a13ab
+def _from(source) -> str: return f' (from {source})' if source else ''
+
 class ImageDataset(torch.utils.data.Dataset):
     "One split of a dataset as a uint8 tensor (N,3,H,W) in memory, with labels, class names and provenance."
     def __init__(self,
@@ -286,8 +350,9 @@ class ImageDataset(torch.utils.data.Dataset):
                  subset:str='', # how the rows were chosen, e.g. '50 per class, seed 0'
                  note:str='', # a caveat about the source, shown by describe()
                  meta:dict|None=None): # extra facts, e.g. Tiny-ImageNet's wnids
-        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, f'need uint8 (N,3,H,W), got {x.dtype} {tuple(x.shape)}'
-        assert len(x) == len(y), (len(x), len(y))
+        if not (x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
+            raise TypeError(f'ImageDataset: x must be uint8 images (N,3,H,W), got {x.dtype} {tuple(x.shape)}{_from(source)}')
+        if len(x) != len(y): raise ValueError(f'ImageDataset: {len(x)} images but {len(y)} labels{_from(source)}')
         self.x, self.y, self.classes = x, y.long(), list(classes)
         self.name, self.split, self.flavour, self.source = name, split, flavour, source
         self.index = torch.arange(len(x)) if index is None else index
@@ -354,6 +419,15 @@ def _not_found(name, split, flavour, tried, why) -> str:
     return '\n'.join([f'{name}/{flavour} {split}: not found ({_WANT[name, flavour]}); {why}. Or set AFD_DATA to a folder '
                       f'holding {_WANT[name, flavour]}.', 'Looked in, in order:', *tried])
 
+def _check_labels(raw: _Raw, what: str):
+    "Every label of the split is a class index (0..len(classes)-1); else DataFileError naming the source, at load time."
+    k, y = len(raw.classes), raw.y
+    bad = np.flatnonzero((y < 0) | (y >= k))
+    if len(bad): raise DataFileError(f'{raw.source}: label {y[bad[0]]} at row {bad[0]} of {what} ({len(bad)} bad row{"s" * (len(bad) > 1)} in all) is not a '
+                                     f'class index 0..{k - 1} of its {k} classes; the file is damaged or belongs to another '
+                                     f'dataset: replace it with a good copy, or move it out of {Path(raw.source).parent}{os.sep}')
+
+# %% ../nbs/00_data.ipynb #e5890e93
 def get_dataset(name:str, # 'cifar10', 'cifar100' or 'tiny_imagenet'
                 split:str='train', # 'train' or 'test' ('test' = official val for Tiny-ImageNet)
                 flavour:str|None=None, # cifar10: 'exact' (default), 'jpeg', 'full'; cifar100: 'full' (default), 'sample'; tiny_imagenet: 'full'
@@ -362,6 +436,7 @@ def get_dataset(name:str, # 'cifar10', 'cifar100' or 'tiny_imagenet'
                 n_per_class:int|None=None, # balanced subset: this many random images of every class
                 n:int|None=None, # then keep the first n
                 seed:int=0, # seed of the balanced subset
+                progress:bool=True, # progress bars if the archive is fetched and unpacked
                ) -> ImageDataset:
     "Load one split of a dataset as uint8 tensors in memory, naming the flavour and the source."
     name, split, flavour = _check_args(name, split, flavour)
@@ -369,9 +444,10 @@ def get_dataset(name:str, # 'cifar10', 'cifar100' or 'tiny_imagenet'
     raw, tried = _locate(name, split, flavour, root)
     if raw is None and (name, flavour) in _NO_DOWNLOAD: raise DataNotFoundError(_not_found(name, split, flavour, tried, _NO_DOWNLOAD[name, flavour]))
     if raw is None:
-        got = obtain(_ARCHIVES[name], root, download, what, tried)
+        got = obtain(_ARCHIVES[name], root, download, what, tried, progress)
         raw, tried = _locate(name, split, flavour, root)
         if raw is None: raise DataNotFoundError(_not_found(name, split, flavour, tried, f'{got} was unpacked but is not usable'))
+    _check_labels(raw, what)
     sel, subset = np.arange(len(raw.y)), []
     if n_per_class is not None:
         sel = _balanced(raw.y, int(n_per_class), len(raw.classes), seed, what)
@@ -447,7 +523,7 @@ class BatchLoader:
                  pin_memory:bool=False, # pin host batches before a non_blocking copy (CUDA only)
                  pad:int|None=None): # crop padding; default H//8 (4 at 32 px, 8 at 64 px)
         self.x, self.y = (ds.x, ds.y) if hasattr(ds, 'x') else ds
-        assert 0 <= rank < world_size, (rank, world_size)
+        if not 0 <= rank < world_size: raise ValueError(f'BatchLoader: rank={rank} must be in 0..world_size-1 (world_size={world_size})')
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.device, self.rank, self.world_size = drop_last, torch.device(device), rank, world_size
         self.pin_memory = pin_memory and self.device.type == 'cuda' and torch.cuda.is_available()

@@ -4,13 +4,16 @@
 
 # %% ../nbs/00a_download.ipynb #7a0d4032
 from __future__ import annotations
-import hashlib, http.client, importlib.util, os, re, shutil, socket, sys, tarfile, time, urllib.error, urllib.request, zipfile
+import errno, glob, hashlib, http.client, importlib.util, os, re, shutil, socket, sys, tarfile, time, urllib.error, urllib.request, zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from tqdm import tqdm
+try: import fcntl
+except ImportError: fcntl = None                      # Windows: no cross-process lock (see `_locked`)
 
 # %% auto #0
-__all__ = ['AKAMASTER_URL', 'REMOTES', 'download_allowed', 'DataNotFoundError', 'DownloadError', 'user_data_dir',
+__all__ = ['AKAMASTER_URL', 'REMOTES', 'download_allowed', 'DataNotFoundError', 'DownloadError', 'DataFileError', 'user_data_dir',
            'project_data_dir', 'data_roots', 'download_dir', 'Remote', 'source', 'file_checksum', 'verify', 'fetch',
            'unpack', 'obtain']
 
@@ -34,6 +37,10 @@ class DataNotFoundError(FileNotFoundError):
 class DownloadError(DataNotFoundError):
     "A download or unpacking failed (network, checksum, archive); nothing that looks complete was left behind."
 
+class DataFileError(RuntimeError):
+    "A data file is there but unusable (truncated, another format, wrong contents, or unsafe to unpickle): the message names it and what to do."
+
+# %% ../nbs/00a_download.ipynb #c914e599
 def _checkout() -> Path|None:
     "The source checkout the package is imported from (settings.ini and nbs/ beside afd_nb/), or None for an installed copy."
     spec = importlib.util.find_spec('afd_nb')
@@ -159,19 +166,23 @@ _RETRY_WAIT = 1.0   # seconds before the first retry; doubled each time
 
 class _Dropped(OSError): "The server closed the connection before sending every announced byte."
 
-def _fetch_once(url, dest: Path, checksum: str, progress: bool, note) -> None:
-    "Stream `url` to a temporary file beside `dest`; rename it to `dest` only if complete with the expected checksum."
+def _fetch_once(url, dest: Path, checksum: str, limit: int, progress: bool, note) -> None:
+    "Stream `url` to a temporary file beside `dest` (at most `limit` bytes); rename it to `dest` only if complete with the expected checksum."
     algo, want = checksum.split(':')
     tmp, h = dest.with_name(f'.{dest.name}.part{os.getpid()}'), hashlib.new(algo)
+    too_big = lambda n: DownloadError(f'{dest.name} from {url} is larger than the {limit:,} bytes it should be (the server '
+                                      f'{n}); cut off, nothing was kept (check AFD_MIRROR)')
     try:
         req = urllib.request.Request(url, headers={'User-Agent': 'afd_nb'})
         with urllib.request.urlopen(req, timeout=60) as resp, open(tmp, 'wb') as f:
             total = int(resp.headers.get('Content-Length') or 0) or None
+            if total is not None and total > limit: raise too_big(f'announces {total:,} bytes')
             note(total)
             with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress,
                       mininterval=0.5, file=sys.stderr) as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk); h.update(chunk); bar.update(len(chunk))
+                    if f.tell() > limit: raise too_big(f'sent {f.tell():,} bytes so far')
             if total is not None and f.tell() != total:
                 raise _Dropped(f'the connection closed after {f.tell():,} of {total:,} bytes')
             f.flush(); os.fsync(f.fileno())
@@ -182,16 +193,23 @@ def _fetch_once(url, dest: Path, checksum: str, progress: bool, note) -> None:
     finally:
         if tmp.exists(): tmp.unlink()
 
+_LOCAL = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, getattr(errno, 'EDQUOT', errno.ENOSPC))
+
 def _transient(e: Exception) -> bool:
-    "Worth retrying: a broken or timed-out connection or a 5xx answer; not a 4xx, an unknown host or a wrong checksum."
+    "Worth retrying: a broken or timed-out connection or a 5xx answer; not a 4xx, an unknown host, a wrong checksum or a full disk."
     if isinstance(e, urllib.error.HTTPError): return e.code >= 500
     if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror): return False
+    if isinstance(e, OSError) and e.errno in _LOCAL and e.filename: return False     # writing the local file failed
     return isinstance(e, (OSError, http.client.HTTPException)) and not isinstance(e, DownloadError)
 
 def _reason(e: Exception) -> str:
     if isinstance(e, urllib.error.HTTPError): return f'the server answered HTTP {e.code} {e.reason}'
     if isinstance(e, urllib.error.URLError): return f'{e.reason} (no network?)'
+    if isinstance(e, OSError) and e.errno in _LOCAL and e.filename: return f'cannot write {e.filename}: {e.strerror}'
     return f'{type(e).__name__}: {e}' if not isinstance(e, _Dropped) else str(e)
+
+# %% ../nbs/00a_download.ipynb #69ae5249
+def _say(msg: str): print(f'afd_nb: {msg}', file=sys.stderr, flush=True)
 
 def fetch(r:Remote, # what to fetch
           folder:str|Path, # where it goes (created if missing)
@@ -200,27 +218,51 @@ def fetch(r:Remote, # what to fetch
          ) -> Path:
     "Download `r` into `folder` atomically (temporary file, checksum, rename) with a one-line note and a progress bar."
     url, checksum, origin = source(r)
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    try: folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise DownloadError(f'cannot fetch {r.name}: cannot create {folder}{os.sep} ({e.strerror or e}); '
+                                             'set AFD_DATA to a folder you can write to') from e
     dest, said = folder/r.name, []
+    if origin != 'pinned':
+        _say(f'{r.name}: the checksum {checksum} from AFD_MIRROR_CHECKSUMS={os.environ["AFD_MIRROR_CHECKSUMS"]} replaces '
+             f'the pinned {r.checksum}')
     def note(total):
-        if said: return
-        said.append(1); size = total or r.size
-        print(f'afd_nb: fetching {r.name} ({size / 2**20:.1f} MiB) from {url} into {folder}{os.sep}'
-              + ('' if origin == 'pinned' else f' (checksum from {origin})'), file=sys.stderr, flush=True)
+        if not said: said.append(1); _say(f'fetching {r.name} ({(total or r.size) / 2**20:.1f} MiB) from {url} into {folder}{os.sep}')
     for i in range(1, attempts + 1):
         try:
-            _fetch_once(url, dest, checksum, progress, note)
+            _fetch_once(url, dest, checksum, r.size, progress, note)
             return dest
         except Exception as e:
             if isinstance(e, DownloadError): raise
             if not _transient(e) or i == attempts:
                 tries = f' ({i} attempts)' if i > 1 else ''
                 raise DownloadError(f'could not fetch {r.name} from {url}: {_reason(e)}{tries}; nothing was kept') from e
-            print(f'afd_nb: {r.name}: {_reason(e)}; retrying ({i}/{attempts - 1})', file=sys.stderr, flush=True)
+            _say(f'{r.name}: {_reason(e)}; retrying ({i}/{attempts - 1})')
             time.sleep(_RETRY_WAIT * 2 ** (i - 1))
 
 # %% ../nbs/00a_download.ipynb #e3d3fe1e
 def _safe_member(name: str) -> bool: return not (name.startswith(('/', '\\')) or '..' in Path(name).parts or ':' in name)
+
+def _extract(archive: Path, dest: Path, progress: bool):
+    "Extract every member of a .zip or .tar(.gz) into `dest`, refusing absolute paths, `..` and links."
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                bad = [m.filename for m in z.infolist() if not _safe_member(m.filename)]
+                if bad: raise DownloadError(f'{archive}: refusing unsafe member {bad[0]!r}')
+                for m in tqdm(z.infolist(), desc=f'unpacking {archive.name}', unit='file', disable=not progress,
+                              mininterval=0.5, file=sys.stderr): z.extract(m, dest)
+        else:
+            with tarfile.open(archive) as t:
+                bad = [m.name for m in t.getmembers() if not _safe_member(m.name) or not (m.isfile() or m.isdir())]
+                if bad: raise DownloadError(f'{archive}: refusing unsafe member {bad[0]!r}')
+                t.extractall(dest, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+    except (EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise DownloadError(f'cannot unpack {archive}: {type(e).__name__}: {e}; delete it and run again (it is fetched again)') from e
+
+def _complete(target: Path, r: Remote) -> bool:
+    "True when the folder `target` holds every path an unpacked `r` must hold."
+    return target.is_dir() and all((target/n).exists() for n in r.needs)
 
 def unpack(archive:str|Path, # a verified .tar.gz or .zip
            r:Remote, # what it is (its `folder` and `needs`)
@@ -230,28 +272,66 @@ def unpack(archive:str|Path, # a verified .tar.gz or .zip
     "Unpack `archive` into `folder/<r.folder>`: into a temporary folder first, check the expected files, then rename."
     archive, folder = Path(archive), Path(folder)
     target, tmp = folder/r.folder, folder/f'.{r.folder}.unpack{os.getpid()}'
+    if _complete(target, r): return target                             # already unpacked (by another process, say)
     if target.exists(): raise DownloadError(f'{target} exists but is incomplete; move it away or delete it, and run again')
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     try:
-        try:
-            if zipfile.is_zipfile(archive):
-                with zipfile.ZipFile(archive) as z:
-                    bad = [m.filename for m in z.infolist() if not _safe_member(m.filename)]
-                    if bad: raise DownloadError(f'{archive}: refusing unsafe member {bad[0]!r}')
-                    for m in tqdm(z.infolist(), desc=f'unpacking {archive.name}', unit='file', disable=not progress,
-                                  mininterval=0.5, file=sys.stderr): z.extract(m, tmp)
-            else:
-                with tarfile.open(archive) as t:
-                    bad = [m.name for m in t.getmembers() if not _safe_member(m.name) or not (m.isfile() or m.isdir())]
-                    if bad: raise DownloadError(f'{archive}: refusing unsafe member {bad[0]!r}')
-                    t.extractall(tmp, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
-        except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
-            raise DownloadError(f'cannot unpack {archive}: {type(e).__name__}: {e}') from e
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        _extract(archive, tmp, progress)
         missing = [n for n in r.needs if not (tmp/r.folder/n).exists()]
         if missing: raise DownloadError(f'{archive} does not unpack to a complete {r.folder}/ ({", ".join(missing[:3])} missing)')
-        os.replace(tmp/r.folder, target)
+        try: os.replace(tmp/r.folder, target)
+        except OSError:
+            if not _complete(target, r): raise                         # someone else's complete copy is as good as ours
+    except DownloadError: raise
+    except OSError as e:
+        raise DownloadError(f'cannot unpack {archive.name} into {folder}{os.sep}: {e.strerror or e} (free some space, '
+                            'or set AFD_DATA to a folder you can write to)') from e
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+# %% ../nbs/00a_download.ipynb #07dae6ef
+@contextmanager
+def _locked(folder: Path, name: str):
+    "Hold an exclusive cross-process lock on `folder/.<name>.lock` (waiting with a one-line note); the lock file goes on release."
+    if fcntl is None: yield; return
+    p = folder/f'.{name}.lock'
+    while True:
+        f = open(p, 'a+b')
+        try:
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say(f'waiting for another process that is fetching or unpacking {name} in {folder}{os.sep}')
+                fcntl.flock(f, fcntl.LOCK_EX)
+            mine, now = os.fstat(f.fileno()), os.stat(p)               # still the lock file, not one removed meanwhile?
+            if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino): break
+        except FileNotFoundError: pass
+        except OSError as e:                                           # a file system without locks: go on without
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS): f.close(); raise
+            f.close(); p.unlink(missing_ok=True); yield; return
+        except BaseException: f.close(); raise
+        f.close()
+    try: yield
+    finally:
+        try: p.unlink()
+        except FileNotFoundError: pass
+        f.close()
+
+def _gone(pid: int) -> bool:
+    "True when no process `pid` runs (never on Windows, where os.kill(pid, 0) would end it)."
+    if os.name == 'nt' or pid == os.getpid(): return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return True
+    except OSError: pass                                               # it runs, as another user
+    return False
+
+def _clear_stale(folder: Path, prefix: str) -> list[str]:
+    "Remove `folder/<prefix><pid>` files and folders whose process is gone; returns their names."
+    out = []
+    for p in folder.glob(glob.escape(prefix) + '*'):
+        m = re.fullmatch(re.escape(prefix) + r'(\d+)', p.name)
+        if m and _gone(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True); out.append(p.name)
+    return out
 
 # %% ../nbs/00a_download.ipynb #25edd9ae
 def _advice(r: Remote, folder: Path, what: str, why: str, tried: list) -> str:
@@ -261,25 +341,40 @@ def _advice(r: Remote, folder: Path, what: str, why: str, tried: list) -> str:
             f'{r.folder + "/" if r.folder else r.subdir + "/" + r.name}.')
     return '\n'.join([head] + (['Looked in, in order:', *tried] if tried else []))
 
+def _get(r: Remote, folder: Path, allowed: bool, what: str, tried: list, progress: bool) -> Path:
+    "Under the lock: the verified file (and its unpacked folder), fetched and unpacked if need be."
+    _clear_stale(folder, f'.{r.name}.part')
+    if r.folder:
+        _clear_stale(folder, f'.{r.folder}.unpack')
+        if _complete(folder/r.folder, r): return folder/r.folder       # a process we waited for finished it
+    have = folder/r.name
+    if not (have.is_file() and verify(have, r)):
+        if not allowed: raise DataNotFoundError(_advice(r, folder, what, f'{have} fails its checksum (incomplete, or another file: delete it)', tried))
+        if have.is_file(): _say(f'{have} fails its checksum; fetching it again')
+        try: fetch(r, folder, progress)
+        except DownloadError as e: raise DownloadError(_advice(r, folder, what, f'the download failed: {e}', tried)) from e
+    return unpack(have, r, folder, progress) if r.folder else have
+
 def obtain(name:str, # a file name in REMOTES
            root:str|Path|None=None, # an explicit data folder (fetched files go there)
            download:bool|None=None, # see `download_allowed`
            what:str='', # what the caller looked for, e.g. 'cifar10/exact train' (for messages)
            tried:list|None=None, # lines describing the places already searched (for messages)
+           progress:bool=True, # progress bars while fetching and unpacking
           ) -> Path:
-    "Make `name` available: a verified copy in the download folder, else fetched (if allowed); archives are unpacked."
+    "Make `name` available: a verified copy in the download folder, else fetched (if allowed); archives are unpacked. Safe to call from several processes at once."
     r, tried, what = REMOTES[name], tried or [], what or name
     allowed = download_allowed(download)
     try: folder = download_dir(root)/r.subdir if r.subdir else download_dir(root)
     except DataNotFoundError as e: raise DataNotFoundError(f'{what}: not found, and {e}') from None
-    have = folder/r.name
-    if not (have.is_file() and verify(have, r)):
-        bad = have.is_file()
-        if not allowed:
-            why = (f'{have} fails its checksum (incomplete, or another file: delete it)' if bad
-                   else 'downloads are off (AFD_DOWNLOAD=0 or download=False)')
-            raise DataNotFoundError(_advice(r, folder, what, why, tried))
-        if bad: print(f'afd_nb: {have} fails its checksum; fetching it again', file=sys.stderr)
-        try: fetch(r, folder)
-        except DownloadError as e: raise DownloadError(_advice(r, folder, what, f'the download failed: {e}', tried)) from e
-    return unpack(have, r, folder) if r.folder else have
+    if r.folder and _complete(folder/r.folder, r): return folder/r.folder
+    if not allowed and not (folder/r.name).is_file():
+        raise DataNotFoundError(_advice(r, folder, what, 'downloads are off (AFD_DOWNLOAD=0 or download=False)', tried))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder, r.name): return _get(r, folder, allowed, what, tried, progress)
+    except DataNotFoundError: raise
+    except OSError as e:
+        where = f': {e.filename}' if e.filename else ''
+        raise DownloadError(f'{what}: cannot use {folder}{os.sep} ({e.strerror or e}{where}): free some space or fix its '
+                            'permissions, or set AFD_DATA to a folder you can write to') from e

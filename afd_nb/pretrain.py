@@ -4,13 +4,12 @@
 
 # %% ../nbs/09_pretrain.ipynb #7dfc8de4
 from __future__ import annotations
-import pickle
 from dataclasses import fields
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .models import build_model, load_checkpoint
+from .models import build_model, load_checkpoint, safe_load
 from .train import Method, Run, TrainConfig, fine_tune, register_method
 
 # %% auto #0
@@ -79,8 +78,7 @@ def load_natural(path,                        # a model_final.pt from `pretrain`
                  **options,                   # build_model options (default: those stored in the file)
                 ) -> nn.Module:
     "Build the model a natural checkpoint was trained as and load it strictly (eval mode)."
-    try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError: obj = torch.load(path, map_location='cpu', weights_only=False)  # our files with extra objects
+    obj = safe_load(path)                     # weights-only: a file that asks for anything else is refused, never run
     meta = obj if isinstance(obj, dict) and 'state_dict' in obj else {}
     arch, num_classes = arch or meta.get('arch'), num_classes or meta.get('num_classes')
     if arch is None or num_classes is None:
