@@ -8,9 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv clean-runs
 
+# PyTorch's wheel: `auto` takes the CPU wheel index when there is no NVIDIA driver (no nvidia-smi), pip's default
+# index otherwise; `make demo TORCH_INDEX=default` (or cpu, or an index URL) overrides it. An unreachable index
+# falls back to the default wheel with one line saying so (tools/torch_wheel.py).
+TORCH_INDEX ?= auto
+
 $(STAMP): settings.ini setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python tools/torch_wheel.py --index "$(TORCH_INDEX)" --pip "$(BIN)/python -m pip"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
