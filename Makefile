@@ -34,6 +34,12 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/run_notebooks.py $(NB)
 
+# The executed notebooks as HTML pages in _pages/ (tools/make_pages.py): readable offline, maths typeset by the MathJax
+# copy of the jupyter-server-mathjax package, and hidden what nbdev hides from the docs. Open _pages/index.html.
+.PHONY: pages
+pages: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/make_pages.py
+
 # The CPU study (configs/cpu-study.yaml, 33 runs, hours on 2 cores; stop and rerun to resume), then its summary in
 # results/cpu-study/ (report, CSVs, figures, provenance).
 .PHONY: study
