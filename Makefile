@@ -8,9 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv clean-runs
 
+# PyTorch's wheel: `auto` takes the CPU wheel index when there is no NVIDIA driver (no nvidia-smi), pip's default
+# index otherwise; `make demo TORCH_INDEX=default` (or cpu, or an index URL) overrides it. An unreachable index
+# falls back to the default wheel with one line saying so (tools/torch_wheel.py).
+TORCH_INDEX ?= auto
+
 $(STAMP): settings.ini setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python tools/torch_wheel.py --index "$(TORCH_INDEX)" --pip "$(BIN)/python -m pip"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
@@ -27,6 +33,12 @@ test: $(STAMP)
 .PHONY: notebooks
 notebooks: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/run_notebooks.py $(NB)
+
+# The executed notebooks as HTML pages in _pages/ (tools/make_pages.py): readable offline, maths typeset by the MathJax
+# copy of the jupyter-server-mathjax package, and hidden what nbdev hides from the docs. Open _pages/index.html.
+.PHONY: pages
+pages: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/make_pages.py
 
 # The CPU study (configs/cpu-study.yaml, 33 runs, hours on 2 cores; stop and rerun to resume), then its summary in
 # results/cpu-study/ (report, CSVs, figures, provenance).

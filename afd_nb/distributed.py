@@ -117,10 +117,6 @@ def unsync_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 # %% ../nbs/12_distributed.ipynb #80ceff5b
-def _free_port() -> int:
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 @dataclass
 class DistEnv:
     "This process's place in a distributed run and the hooks the training loop calls (all no-ops for one process)."
@@ -178,6 +174,10 @@ class DistEnv:
         if self.world_size > 1:
             for m in models:
                 if m is not None: unsync_batchnorm(m)
+
+# %% ../nbs/12_distributed.ipynb #c582659c
+def _free_port() -> int:
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 def setup_distributed(device: str | torch.device = 'cpu', # the run's device; 'cuda' becomes cuda:LOCAL_RANK when distributed

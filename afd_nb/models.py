@@ -333,7 +333,7 @@ def _guess_arch(sd: dict) -> str | None:
                 return f'{arch}{"(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ")" if opts else ""} with {clf.shape[0]} classes'
     return None
 
-
+# %% ../nbs/01_models.ipynb #44b1848e
 def _check_fits(model: nn.Module, sd: dict):
     "Raise CheckpointMismatchError with one clear line if `sd` does not fit `model`."
     own, arch = model.state_dict(), getattr(model, 'arch', '') or type(model).__name__
