@@ -4,15 +4,39 @@
 
 # %% ../nbs/06b_checkpoint.ipynb #2f8fa812
 from __future__ import annotations
-import json, os, shutil, socket, sys, time, warnings, zlib
+import errno, json, os, shutil, socket, sys, time, warnings, zlib
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'atomic_save', 'atomic_write_text', 'clean_temporaries',
-           'CorruptCheckpointError', 'NonFiniteCheckpointError', 'nonfinite_entries', 'save_checkpoint',
-           'read_checkpoint', 'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError', 'ensure_run_dir',
-           'set_aside', 'drop_replaced']
+__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'DiskFullError', 'atomic_save', 'atomic_write_text',
+           'clean_temporaries', 'CorruptCheckpointError', 'NonFiniteCheckpointError', 'nonfinite_entries',
+           'save_checkpoint', 'read_checkpoint', 'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError',
+           'ensure_run_dir', 'set_aside', 'drop_replaced', 'replaced_note']
+
+# %% ../nbs/06b_checkpoint.ipynb #95d2a7c1
+class DiskFullError(OSError):
+    "A file could not be written for want of space; nothing partial was left, and the message says what to free."
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)                  # disk full, quota, file size limit
+_TORCH_SHORT_WRITE = ('unexpected pos', 'file write failed', 'PytorchStreamWriter failed')   # torch.save's words for them
+
+
+def _raise_if_full(e: BaseException, # what the write raised
+                   path,              # the file being written
+                  ):
+    "Raise DiskFullError (one line: the file, the free space, what to do) if `e` says the disk is full; else return."
+    full = (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or (
+            isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_SHORT_WRITE))
+    if not full: return
+    folder = Path(path).parent
+    try: free = f'{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there'
+    except OSError: free = 'free space unknown'
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][-60:]
+    err = DiskFullError(f'{path}: not written, no space left ({why}; {free}); nothing partial was kept. '
+                        f'Free space in {folder} and rerun the same command.')
+    err.errno = errno.ENOSPC
+    raise err from None
 
 # %% ../nbs/06b_checkpoint.ipynb #a8a172fa
 def _fsync_dir(d: Path):
@@ -32,6 +56,7 @@ def _atomic_write(path, write):
         with open(tmp, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e: _raise_if_full(e, path); raise   # disk full: one line, no partial file
     finally:
         if tmp.exists(): tmp.unlink()
     _fsync_dir(path.parent)
@@ -122,6 +147,7 @@ def save_checkpoint(ckpt: dict, # with `format` CKPT_FORMAT; its `model` and `em
             torch.save(ckpt, f); f.flush(); os.fsync(f.fileno())
         if (out / 'ckpt_last.pt').exists(): os.replace(out / 'ckpt_last.pt', out / 'ckpt_prev.pt')
         os.replace(tmp, out / 'ckpt_last.pt')
+    except (OSError, RuntimeError) as e: _raise_if_full(e, out / 'ckpt_last.pt'); raise   # the previous checkpoints stay
     finally:
         if tmp.exists(): tmp.unlink()
     _fsync_dir(out)
@@ -294,8 +320,23 @@ def set_aside(out_dir) -> Path | None:
     return dest
 
 
-def drop_replaced(out_dir) -> list[str]:
-    "Delete the runs that `set_aside` kept in out_dir/.replaced-*/; return the folder names."
-    gone = sorted(p.name for p in Path(out_dir).glob('.replaced-*') if p.is_dir())
+def drop_replaced(out_dir,     # the run folder
+                  only=None,   # names (or paths) of the .replaced-* folders to delete; None: all of them
+                 ) -> list[str]:
+    "Delete the runs that `set_aside` kept in out_dir/.replaced-*/ (only those in `only`, if given); return the folder names."
+    keep = None if only is None else {Path(q).name for q in only}
+    gone = sorted(p.name for p in Path(out_dir).glob('.replaced-*') if p.is_dir() and (keep is None or p.name in keep))
     for name in gone: shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
     return gone
+
+# %% ../nbs/06b_checkpoint.ipynb #b3e07c55
+def replaced_note(out_dir, # the run folder
+                  skip=(), # .replaced-* folders not to mention (the one this run set aside itself)
+                 ) -> str | None:
+    "One line naming the runs that `set_aside` kept in out_dir/.replaced-*/ and how to restore one; None if there are none."
+    out, skip = Path(out_dir), {Path(q).name for q in skip}
+    kept = sorted(p for p in out.glob('.replaced-*') if p.is_dir() and p.name not in skip)
+    if not kept: return None
+    return (f"{out}: {', '.join(p.name + '/' for p in kept)} {'holds a run' if len(kept) == 1 else 'hold runs'} that fresh=True "
+            f"set aside and that is kept, not deleted; to restore it instead of this run, stop this run and move its files back "
+            f"(mv {kept[-1]}/* {out}/), or delete the folder if it is not needed.")
