@@ -7,60 +7,16 @@ from __future__ import annotations
 import errno, json, os, shutil, socket, sys, time, warnings, zlib
 from pathlib import Path
 import torch
+from .run_folder import DiskFullError, _atomic_write, _fsync_dir, _raise_if_full, atomic_write_text   # (06a)
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'DiskFullError', 'atomic_save', 'atomic_write_text',
-           'clean_temporaries', 'CorruptCheckpointError', 'NonFiniteCheckpointError', 'nonfinite_entries',
-           'save_checkpoint', 'read_checkpoint', 'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError',
-           'ensure_run_dir', 'set_aside', 'drop_replaced', 'replaced_note']
-
-# %% ../nbs/06b_checkpoint.ipynb #95d2a7c1
-class DiskFullError(OSError):
-    "A file could not be written for want of space; nothing partial was left, and the message says what to free."
-
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)                  # disk full, quota, file size limit
-_TORCH_SHORT_WRITE = ('unexpected pos', 'file write failed', 'PytorchStreamWriter failed')   # torch.save's words for them
-
-
-def _raise_if_full(e: BaseException, # what the write raised
-                   path,              # the file being written
-                  ):
-    "Raise DiskFullError (one line: the file, the free space, what to do) if `e` says the disk is full; else return."
-    full = (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or (
-            isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_SHORT_WRITE))
-    if not full: return
-    folder = Path(path).parent
-    try: free = f'{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there'
-    except OSError: free = 'free space unknown'
-    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][-60:]
-    err = DiskFullError(f'{path}: not written, no space left ({why}; {free}); nothing partial was kept. '
-                        f'Free space in {folder} and rerun the same command.')
-    err.errno = errno.ENOSPC
-    raise err from None
+__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'atomic_save', 'clean_temporaries', 'CorruptCheckpointError',
+           'NonFiniteCheckpointError', 'nonfinite_entries', 'save_checkpoint', 'read_checkpoint',
+           'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError', 'ensure_run_dir', 'set_aside',
+           'drop_replaced', 'replaced_note', 'DiskFullError', 'atomic_write_text']
 
 # %% ../nbs/06b_checkpoint.ipynb #a8a172fa
-def _fsync_dir(d: Path):
-    "fsync folder `d`, so that a rename inside it is on disk (a no-op where folders cannot be opened)."
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
-
-
-def _atomic_write(path, write):
-    "Write `path` through `write(f)` on a temporary file in the same folder, fsync it, rename it over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e: _raise_if_full(e, path); raise   # disk full: one line, no partial file
-    finally:
-        if tmp.exists(): tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+_all_ = ['DiskFullError', 'atomic_write_text']   # the atomic writes of 06a_run_folder (no torch), re-exported
 
 
 def atomic_save(obj,  # anything `torch.save` accepts
@@ -68,13 +24,6 @@ def atomic_save(obj,  # anything `torch.save` accepts
                ) -> Path:
     "torch.save `obj` to `path` atomically (temporary file, flush + fsync, os.replace)."
     return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path,  # destination file
-                      s: str, # its new content
-                     ) -> Path:
-    "Write the text `s` to `path` atomically."
-    return _atomic_write(path, lambda f: f.write(s.encode()))
 
 
 def clean_temporaries(d) -> list[str]:

@@ -8,10 +8,12 @@ import argparse, ast, dataclasses, difflib, fnmatch, hashlib, itertools, json, m
 from datetime import datetime
 from pathlib import Path
 import yaml
+from .run_folder import RUNTIME_KEYS, _ABBR, _fmt, run_id, read_json as _read_json, atomic_write_text as _atomic_write_text
+_all_ = ['RUNTIME_KEYS', 'run_id']   # the run-folder vocabulary (06a_run_folder), shared with afd_nb.report
 
 # %% auto #0
-__all__ = ['STAGES', 'OUTPUTS', 'RUNTIME_KEYS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'load_config', 'run_id', 'expand_runs',
-           'check_params', 'resolve_device', 'device_name', 'run_sweep', 'main']
+__all__ = ['STAGES', 'OUTPUTS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'load_config', 'expand_runs', 'check_params', 'resolve_device',
+           'device_name', 'run_sweep', 'main', 'RUNTIME_KEYS', 'run_id']
 
 # %% ../nbs/10_sweep.ipynb #a4325250
 class _DuplicateKey(yaml.YAMLError):
@@ -78,7 +80,6 @@ def _flatten(d:dict, what:str) -> dict:
 
 # %% ../nbs/10_sweep.ipynb #c49e7d45
 OUTPUTS = {'pretrain': 'model_final.pt', 'finetune': 'model_final.pt', 'evaluate': 'eval.json', 'feature_gap': 'gap.json'}
-RUNTIME_KEYS = ('device', 'data_root', 'download', 'fresh', 'out_dir')  # where/how a run executes, not what it computes
 PRETRAIN_SHARED = ('dataset', 'flavour', 'arch', 'model_options', 'device', 'amp', 'data_root', 'download')  # flat keys pre-training also gets
 CONFIG_KEYS = {
     'name': 'sweep name; results go to <runs_dir>/<name>/ (default: the config file name)',
@@ -142,34 +143,6 @@ def load_config(path, # YAML file (or a dict, for tests and notebooks)
         raise ValueError(f'{where}: no parameters (no defaults, grid, sweeps or runs): this would run every notebook '
                          'default at full size; set at least `defaults`')
     return cfg
-
-# %% ../nbs/10_sweep.ipynb #9f757be8
-_ABBR = {'alpha': 'a', 'beta': 'b', 'gamma': 'g', 'seed': 's', 'epochs': 'e', 'batch_size': 'bs', 'n_train': 'n',
-         'lr': 'lr', 'eps': 'eps'}
-
-def _fmt(v) -> str:
-    if isinstance(v, bool): return str(v).lower()
-    if isinstance(v, float): return f'{v:g}'
-    if v is None: return 'none'
-    return re.sub(r'[^A-Za-z0-9.+]+', '_', Path(str(v)).stem if '/' in str(v) else str(v)).strip('_')
-
-def run_id(p:dict,         # the run's parameters
-           varied=(),      # keys the sweep varies; those not already in the id are appended
-          ) -> str:
-    "Readable id of a run, e.g. `cifar10-resnet18-afd-a0.05-b0.25-g25-s0`."
-    parts = [_fmt(p.get('dataset', 'data')), _fmt(p.get('arch', 'model')), _fmt(p.get('method', 'run'))]
-    shown = {'dataset', 'arch', 'method', 'seed'}
-    if p.get('method') == 'afd':
-        if p.get('update_rule', 'official') != 'official': parts.append(_fmt(p['update_rule']))
-        parts += [f"a{_fmt(p.get('alpha'))}", f"b{_fmt(p.get('beta'))}", f"g{_fmt(p.get('gamma'))}"]
-        shown |= {'update_rule', 'alpha', 'beta', 'gamma'}
-    for k in sorted(set(varied) - shown):
-        v = p.get(k)
-        if isinstance(v, bool): parts.append(k if v else f'no-{k}')
-        elif isinstance(v, str): parts.append(_fmt(v))
-        else: parts.append(_ABBR.get(k, k.replace('.', '_')) + _fmt(v))
-    parts.append(f"s{_fmt(p.get('seed', 0))}")
-    return '-'.join(parts)
 
 # %% ../nbs/10_sweep.ipynb #b7b3c142
 def _matches(p:dict, when:dict) -> bool:
@@ -388,17 +361,6 @@ def _check_run(units:list[dict], dry_run:bool=False) -> list[str]:
     return notes
 
 # %% ../nbs/10_sweep.ipynb #f109cd15
-def _atomic_write_text(path, text:str):
-    "Write text via a temporary file, fsync and rename, so readers never see half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-def _read_json(path, default=None):
-    try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError): return default
-
 def _stage_up_to_date(st:dict, stage:str, params:dict, unit_dir:Path) -> bool:
     e = st.get('stages', {}).get(stage, {})
     return (e.get('state') == 'done' and _what(e.get('params') or {}) == _what(params)
