@@ -642,12 +642,14 @@ def summary_md(meta: dict, stages: dict) -> str:
 # %% ../nbs/15_gpucheck.ipynb #c6f0a2d8
 def _is_checkout(d: Path) -> bool: return (d / 'tests' / 'test_gpu.py').is_file() and (d / 'configs' / 'paper-resnet18.yaml').is_file()
 
-def _repo_root(cwd: Path | None = None # the working directory (default: the process's)
+def _repo_root(cwd: Path | None = None,  # the working directory (default: the process's)
+               here: Path | None = None, # the folder above the package (default: this module's; site-packages when installed)
               ) -> Path | None:
     "The repository checkout (tests/ and configs/): the one this module is in (editable install), else the working directory; None."
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    try: here = Path(__file__).resolve().parent.parent           # site-packages when installed: not a checkout
-    except NameError: here = cwd.parent if cwd.name == 'nbs' else cwd   # inside a notebook
+    if here is None:
+        try: here = Path(__file__).resolve().parent.parent
+        except NameError: here = cwd.parent if cwd.name == 'nbs' else cwd   # inside a notebook
     return next((d for d in (here, cwd) if _is_checkout(d)), None)
 
 
