@@ -28,7 +28,7 @@ def _raise_if_full(e: BaseException, # what the write raised
     folder = Path(path).parent
     try: free = f'{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free there'
     except OSError: free = 'free space unknown'
-    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][-60:]
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0].split('] ')[-1].strip(' .')[:80]
     err = DiskFullError(f'{path}: not written, no space left ({why}; {free}); nothing partial was kept. '
                         f'Free space in {folder} and rerun the same command.')
     err.errno = errno.ENOSPC

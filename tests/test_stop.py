@@ -95,7 +95,7 @@ def test_real_short_write_of_torch_save_is_recognised(tmp_path, cifar10_train, r
     p = subprocess.run([sys.executable, '-c', FULL_CHILD, json.dumps({**TINY, 'out_dir': str(out)})], capture_output=True,
                        text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and last.startswith('afd_nb.checkpoint.DiskFullError: ') and str(out / 'ckpt_last.pt') in last, p.stderr[-2000:]
+    assert p.returncode != 0 and last.startswith('afd_nb.run_folder.DiskFullError: ') and 'unexpected pos' in last and str(out / 'ckpt_last.pt') in last, p.stderr[-2000:]
     assert not [q.name for q in out.iterdir() if '.tmp' in q.name] and not (out / 'ckpt_last.pt').exists()
 
 
