@@ -4,38 +4,19 @@
 
 # %% ../nbs/06b_checkpoint.ipynb #2f8fa812
 from __future__ import annotations
-import json, os, shutil, socket, sys, time, warnings, zlib
+import errno, json, os, shutil, socket, sys, time, warnings, zlib
 from pathlib import Path
 import torch
+from .run_folder import DiskFullError, _atomic_write, _fsync_dir, _raise_if_full, atomic_write_text   # (06a)
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'atomic_save', 'atomic_write_text', 'clean_temporaries',
-           'CorruptCheckpointError', 'NonFiniteCheckpointError', 'nonfinite_entries', 'save_checkpoint',
-           'read_checkpoint', 'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError', 'ensure_run_dir',
-           'set_aside', 'drop_replaced']
+__all__ = ['CKPT_FORMAT', 'CKPT_NAMES', 'LOCK_NAME', 'RUN_FILES', 'atomic_save', 'clean_temporaries', 'CorruptCheckpointError',
+           'NonFiniteCheckpointError', 'nonfinite_entries', 'save_checkpoint', 'read_checkpoint',
+           'load_last_checkpoint', 'RunLockedError', 'RunLock', 'RunDirError', 'ensure_run_dir', 'set_aside',
+           'drop_replaced', 'replaced_note', 'DiskFullError', 'atomic_write_text']
 
 # %% ../nbs/06b_checkpoint.ipynb #a8a172fa
-def _fsync_dir(d: Path):
-    "fsync folder `d`, so that a rename inside it is on disk (a no-op where folders cannot be opened)."
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
-
-
-def _atomic_write(path, write):
-    "Write `path` through `write(f)` on a temporary file in the same folder, fsync it, rename it over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+_all_ = ['DiskFullError', 'atomic_write_text']   # the atomic writes of 06a_run_folder (no torch), re-exported
 
 
 def atomic_save(obj,  # anything `torch.save` accepts
@@ -43,13 +24,6 @@ def atomic_save(obj,  # anything `torch.save` accepts
                ) -> Path:
     "torch.save `obj` to `path` atomically (temporary file, flush + fsync, os.replace)."
     return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path,  # destination file
-                      s: str, # its new content
-                     ) -> Path:
-    "Write the text `s` to `path` atomically."
-    return _atomic_write(path, lambda f: f.write(s.encode()))
 
 
 def clean_temporaries(d) -> list[str]:
@@ -122,6 +96,7 @@ def save_checkpoint(ckpt: dict, # with `format` CKPT_FORMAT; its `model` and `em
             torch.save(ckpt, f); f.flush(); os.fsync(f.fileno())
         if (out / 'ckpt_last.pt').exists(): os.replace(out / 'ckpt_last.pt', out / 'ckpt_prev.pt')
         os.replace(tmp, out / 'ckpt_last.pt')
+    except (OSError, RuntimeError) as e: _raise_if_full(e, out / 'ckpt_last.pt'); raise   # the previous checkpoints stay
     finally:
         if tmp.exists(): tmp.unlink()
     _fsync_dir(out)
@@ -294,8 +269,23 @@ def set_aside(out_dir) -> Path | None:
     return dest
 
 
-def drop_replaced(out_dir) -> list[str]:
-    "Delete the runs that `set_aside` kept in out_dir/.replaced-*/; return the folder names."
-    gone = sorted(p.name for p in Path(out_dir).glob('.replaced-*') if p.is_dir())
+def drop_replaced(out_dir,     # the run folder
+                  only=None,   # names (or paths) of the .replaced-* folders to delete; None: all of them
+                 ) -> list[str]:
+    "Delete the runs that `set_aside` kept in out_dir/.replaced-*/ (only those in `only`, if given); return the folder names."
+    keep = None if only is None else {Path(q).name for q in only}
+    gone = sorted(p.name for p in Path(out_dir).glob('.replaced-*') if p.is_dir() and (keep is None or p.name in keep))
     for name in gone: shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
     return gone
+
+# %% ../nbs/06b_checkpoint.ipynb #b3e07c55
+def replaced_note(out_dir, # the run folder
+                  skip=(), # .replaced-* folders not to mention (the one this run set aside itself)
+                 ) -> str | None:
+    "One line naming the runs that `set_aside` kept in out_dir/.replaced-*/ and how to restore one; None if there are none."
+    out, skip = Path(out_dir), {Path(q).name for q in skip}
+    kept = sorted(p for p in out.glob('.replaced-*') if p.is_dir() and p.name not in skip)
+    if not kept: return None
+    return (f"{out}: {', '.join(p.name + '/' for p in kept)} {'holds a run' if len(kept) == 1 else 'hold runs'} that fresh=True "
+            f"set aside and that is kept, not deleted; to restore it instead of this run, stop this run and move its files back "
+            f"(mv {kept[-1]}/* {out}/), or delete the folder if it is not needed.")

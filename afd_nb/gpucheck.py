@@ -88,10 +88,12 @@ class BudgetExceeded(Exception):
 class Budget:
     "A wall-clock budget: seconds left, whether predicted work fits (with a safety margin), and a hard stop at the deadline."
     def __init__(self, seconds: float,          # the whole budget, from now
-                 margin: float = 1.25):          # predicted times are multiplied by this before they are compared
-        self.seconds, self.margin, self.t0 = float(seconds), float(margin), time.monotonic()
+                 margin: float = 1.25,           # predicted times are multiplied by this before they are compared
+                 clock=time.monotonic):          # seconds now (a fake clock in tests); the hard stop's alarm is real time
+        self.seconds, self.margin, self.clock = float(seconds), float(margin), clock
+        self.t0 = clock()
 
-    def elapsed(self) -> float: return time.monotonic() - self.t0
+    def elapsed(self) -> float: return self.clock() - self.t0
     def left(self) -> float: return self.seconds - self.elapsed()
 
     def fits(self, predicted_s: float, reserve: float = 0.) -> bool:
@@ -637,6 +639,30 @@ def summary_md(meta: dict, stages: dict) -> str:
     if 'bench' in stages or 'run' in stages: L += ['', '## Targets', ''] + _summary_targets(stages)
     return '\n'.join(L) + '\n'
 
+# %% ../nbs/15_gpucheck.ipynb #c6f0a2d8
+def _is_checkout(d: Path) -> bool: return (d / 'tests' / 'test_gpu.py').is_file() and (d / 'configs' / 'paper-resnet18.yaml').is_file()
+
+def _repo_root(cwd: Path | None = None,  # the working directory (default: the process's)
+               here: Path | None = None, # the folder above the package (default: this module's; site-packages when installed)
+              ) -> Path | None:
+    "The repository checkout (tests/ and configs/): the one this module is in (editable install), else the working directory; None."
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if here is None:
+        try: here = Path(__file__).resolve().parent.parent
+        except NameError: here = cwd.parent if cwd.name == 'nbs' else cwd   # inside a notebook
+    return next((d for d in (here, cwd) if _is_checkout(d)), None)
+
+
+def _out_dir(out: str | None, # --out
+             root: Path | None # the checkout, or None
+            ) -> Path:
+    "--out, else results/gpu/<UTC time> in the checkout; outside a checkout --out is required (SystemExit, one line)."
+    if out: return Path(out)
+    if root is None:
+        raise SystemExit(f'python -m afd_nb.gpucheck: {Path.cwd()} is not a checkout of the repository (no tests/test_gpu.py and '
+                         'configs/paper-resnet18.yaml); run it from the checkout, or give --out DIR for the results')
+    return root / 'results' / 'gpu' / datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')
+
 # %% ../nbs/15_gpucheck.ipynb #b024d4ad
 SIZES = {   # 'gpu': the real check (one H200-class GPU, ~8 minutes); 'toy': the CPU dry run of every code path (CI)
     'gpu': dict(arch='resnet18', batch=128, n_train=None, n_eval=1000, train_steps=10, min_nat=10, max_nat=100, max_aft=10,
@@ -697,12 +723,6 @@ STAGE_FNS = dict(env=stage_env, tests=stage_tests, bench=stage_bench, run=stage_
 FINISH = dict(bench=_finish_bench, run=_finish_run)
 
 # %% ../nbs/15_gpucheck.ipynb #869630c3
-def _repo_root() -> Path:
-    "The checkout this module runs from (tests/ and configs/ live there)."
-    try: return Path(__file__).resolve().parent.parent
-    except NameError: return Path.cwd().parent if Path.cwd().name == 'nbs' else Path.cwd()   # inside a notebook
-
-
 def _git_rev(root: Path) -> str | None:
     try: r = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired): return None
@@ -720,7 +740,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m afd_nb.gpucheck', description='The prepared GPU check: environment, GPU tests, '
                                 'benchmark and a short real run, within a time budget; results in OUT (JSON per stage, summary.md).')
     p.add_argument('--budget', type=float, default=480, help='seconds for all stages (default 480; give the command budget + 60 s)')
-    p.add_argument('--out', default=None, help='results folder (default results/gpu/<UTC time>)')
+    p.add_argument('--out', default=None, help='results folder (default results/gpu/<UTC time> in the checkout; required elsewhere)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--stages', default=','.join(STAGES), help=f'comma-separated subset of {",".join(STAGES)}')
     p.add_argument('--flavour', default='jpeg', choices=('jpeg', 'exact', 'full'), help='CIFAR-10 data (default: the JPEG copy)')
@@ -740,14 +760,14 @@ def main(argv: list[str] | None = None # command line arguments (default: sys.ar
     if bad: raise SystemExit(f'--stages: unknown {sorted(bad)}; valid: {",".join(STAGES)}')
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise SystemExit('--device cuda: CUDA is not available here; use --device cpu (a toy run)')
     toy, root = (dev.type == 'cpu') if a.toy is None else a.toy, _repo_root()
-    out = Path(a.out or root / 'results' / 'gpu' / datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S'))
+    out = _out_dir(a.out, root)                        # never inside site-packages
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix='afd_gpucheck_'))
     _preload()
     cmd = 'python -m afd_nb.gpucheck ' + ' '.join(sys.argv[1:] if argv is None else argv)
     meta = dict(command=cmd.strip(), budget=a.budget, device=str(dev), toy=toy, flavour=a.flavour, stages=list(stages),
-                started=datetime.now(timezone.utc).isoformat(timespec='seconds'), git=_git_rev(root))
+                started=datetime.now(timezone.utc).isoformat(timespec='seconds'), git=_git_rev(root) if root else None)
     report = Report(out, meta)
-    ctx = GpuCheck(dev, Budget(a.budget), out, work, root, a.flavour, SIZES['toy' if toy else 'gpu'], stages, tf32_default, report)
+    ctx = GpuCheck(dev, Budget(a.budget), out, work, root or Path.cwd(), a.flavour, SIZES['toy' if toy else 'gpu'], stages, tf32_default, report)
     with report.logging():
         print(f'GPU check: {meta}', flush=True)
         try:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgb
 from matplotlib.ticker import MaxNLocator
 from .plots import METHOD_NAMES, FEATURE_STYLES, method_style
-from .sweep import RUNTIME_KEYS, _atomic_write_text, _fmt, _read_json
+from .run_folder import RUNTIME_KEYS, _fmt, read_json as _read_json, atomic_write_text as _atomic_write_text
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'ARCH_NAMES', 'METRICS', 'PAPER', 'DIS_COLS', 'CLAIMS_RULE', 'collect_results', 'collect_correct',

@@ -8,10 +8,12 @@ import argparse, ast, dataclasses, difflib, fnmatch, hashlib, itertools, json, m
 from datetime import datetime
 from pathlib import Path
 import yaml
+from .run_folder import RUNTIME_KEYS, _ABBR, _fmt, run_id, read_json as _read_json, atomic_write_text as _atomic_write_text
+_all_ = ['RUNTIME_KEYS', 'run_id']   # the run-folder vocabulary (06a_run_folder), shared with afd_nb.report
 
 # %% auto #0
-__all__ = ['STAGES', 'OUTPUTS', 'RUNTIME_KEYS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'load_config', 'run_id', 'expand_runs',
-           'check_params', 'resolve_device', 'device_name', 'run_sweep', 'main']
+__all__ = ['STAGES', 'OUTPUTS', 'PRETRAIN_SHARED', 'CONFIG_KEYS', 'load_config', 'expand_runs', 'check_params', 'resolve_device',
+           'device_name', 'run_sweep', 'main', 'RUNTIME_KEYS', 'run_id']
 
 # %% ../nbs/10_sweep.ipynb #a4325250
 class _DuplicateKey(yaml.YAMLError):
@@ -55,13 +57,15 @@ _NUM = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
 _FRAC = re.compile(r'\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*')
 STAGES = ('pretrain', 'finetune', 'evaluate', 'feature_gap')
 
-def _coerce(v):
-    "Numeric strings -> numbers, 'a/b' -> float, recursively."
+def _coerce(v, what:str='value'): # what: the setting's name, for the message
+    "Numeric strings -> numbers, 'a/b' -> float, recursively; 'a/0' is refused in one line naming `what`."
     if isinstance(v, str):
         if _NUM.fullmatch(v.strip()): return int(v) if re.fullmatch(r'\s*[+-]?\d+\s*', v) else float(v)
-        if m := _FRAC.fullmatch(v): return float(m[1]) / float(m[2])
-    if isinstance(v, list): return [_coerce(x) for x in v]
-    if isinstance(v, dict): return {k: _coerce(x) for k, x in v.items()}
+        if m := _FRAC.fullmatch(v):
+            if float(m[2]) == 0: raise ValueError(f'{what}: {v!r} divides by zero; give a number or a fraction a/b with b > 0, e.g. 8/255')
+            return float(m[1]) / float(m[2])
+    if isinstance(v, list): return [_coerce(x, what) for x in v]
+    if isinstance(v, dict): return {k: _coerce(x, f'{what}.{k}') for k, x in v.items()}
     return v
 
 def _flatten(d:dict, what:str) -> dict:
@@ -72,11 +76,10 @@ def _flatten(d:dict, what:str) -> dict:
     for k, v in d.items():
         if k in STAGES and isinstance(v, dict): out.update({f'{k}.{kk}': vv for kk, vv in v.items()})
         else: out[str(k)] = v
-    return _coerce(out)
+    return {k: _coerce(v, f'{what}.{k}') for k, v in out.items()}
 
 # %% ../nbs/10_sweep.ipynb #c49e7d45
 OUTPUTS = {'pretrain': 'model_final.pt', 'finetune': 'model_final.pt', 'evaluate': 'eval.json', 'feature_gap': 'gap.json'}
-RUNTIME_KEYS = ('device', 'data_root', 'download', 'fresh', 'out_dir')  # where/how a run executes, not what it computes
 PRETRAIN_SHARED = ('dataset', 'flavour', 'arch', 'model_options', 'device', 'amp', 'data_root', 'download')  # flat keys pre-training also gets
 CONFIG_KEYS = {
     'name': 'sweep name; results go to <runs_dir>/<name>/ (default: the config file name)',
@@ -111,59 +114,35 @@ def load_config(path, # YAML file (or a dict, for tests and notebooks)
             raise ValueError(f'{where}: unknown config key {k!r}{_did_you_mean(k, CONFIG_KEYS)} (valid: {", ".join(CONFIG_KEYS)})')
     nbdir = raw.get('notebooks')
     if nbdir and not isinstance(path, dict): nbdir = str((path.parent/Path(nbdir).expanduser()).resolve())
+    stages, jobs = raw.get('stages') or ['finetune', 'evaluate'], raw.get('jobs') or 1
+    if not isinstance(stages, list):
+        raise ValueError(f'{where}: stages: {stages!r} is not a list; write stages: [{stages}] (a YAML list, in order)')
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f'{where}: jobs: {jobs!r} is not a whole number >= 1 (runs executed at once); write e.g. jobs: 2')
     cfg = dict(name=str(raw.get('name') or name), description=raw.get('description', ''), notebooks=nbdir,
-               runs_dir=raw.get('runs_dir', 'runs'), stages=list(raw.get('stages') or ['finetune', 'evaluate']),
-               kernel=raw.get('kernel', 'python3'), timeout=raw.get('timeout'),
-               env={str(k): str(v) for k, v in (raw.get('env') or {}).items()}, jobs=int(raw.get('jobs') or 1),
+               runs_dir=raw.get('runs_dir', 'runs'), stages=list(stages), kernel=raw.get('kernel', 'python3'),
+               timeout=raw.get('timeout'), env={str(k): str(v) for k, v in (raw.get('env') or {}).items()}, jobs=jobs,
                source=None if isinstance(path, dict) else str(path))
     for s in cfg['stages']:
         if s == 'pretrain': raise ValueError(f"{where}: stages: 'pretrain' is added automatically to runs with checkpoint: natural")
         if s not in STAGES: raise ValueError(f'{where}: unknown stage {s!r}{_did_you_mean(s, STAGES[1:])} (valid: {", ".join(STAGES[1:])})')
-    cfg['defaults'] = _flatten(raw.get('defaults'), 'defaults')
+    cfg['defaults'] = _flatten(raw.get('defaults'), f'{where}: defaults')
     for sec in ('grid', 'sweeps'):
-        d = _flatten(raw.get(sec), sec)
+        d = _flatten(raw.get(sec), f'{where}: {sec}')
         cfg[sec] = {k: (v if isinstance(v, list) else [v]) for k, v in d.items()}
         for k, v in cfg[sec].items():
             if not v: raise ValueError(f'{where}: {sec}.{k} is an empty list')
     runs = raw.get('runs') or []
     if not isinstance(runs, list): raise ValueError(f'{where}: runs must be a list of mappings')
-    cfg['runs'] = [_flatten(r, f'runs[{i}]') for i, r in enumerate(runs)]
+    cfg['runs'] = [_flatten(r, f'{where}: runs[{i}]') for i, r in enumerate(runs)]
     ovs = raw.get('overrides') or []
     if not isinstance(ovs, list) or not all(isinstance(o, dict) and set(o) == {'when', 'set'} for o in ovs):
         raise ValueError(f'{where}: overrides must be a list of {{when: {{...}}, set: {{...}}}}')
-    cfg['overrides'] = [dict(when=_flatten(o['when'], 'overrides.when'), set=_flatten(o['set'], 'overrides.set')) for o in ovs]
+    cfg['overrides'] = [dict(when=_flatten(o['when'], f'{where}: overrides.when'), set=_flatten(o['set'], f'{where}: overrides.set')) for o in ovs]
     if not (cfg['defaults'] or cfg['grid'] or cfg['sweeps'] or cfg['runs']):
         raise ValueError(f'{where}: no parameters (no defaults, grid, sweeps or runs): this would run every notebook '
                          'default at full size; set at least `defaults`')
     return cfg
-
-# %% ../nbs/10_sweep.ipynb #9f757be8
-_ABBR = {'alpha': 'a', 'beta': 'b', 'gamma': 'g', 'seed': 's', 'epochs': 'e', 'batch_size': 'bs', 'n_train': 'n',
-         'lr': 'lr', 'eps': 'eps'}
-
-def _fmt(v) -> str:
-    if isinstance(v, bool): return str(v).lower()
-    if isinstance(v, float): return f'{v:g}'
-    if v is None: return 'none'
-    return re.sub(r'[^A-Za-z0-9.+]+', '_', Path(str(v)).stem if '/' in str(v) else str(v)).strip('_')
-
-def run_id(p:dict,         # the run's parameters
-           varied=(),      # keys the sweep varies; those not already in the id are appended
-          ) -> str:
-    "Readable id of a run, e.g. `cifar10-resnet18-afd-a0.05-b0.25-g25-s0`."
-    parts = [_fmt(p.get('dataset', 'data')), _fmt(p.get('arch', 'model')), _fmt(p.get('method', 'run'))]
-    shown = {'dataset', 'arch', 'method', 'seed'}
-    if p.get('method') == 'afd':
-        if p.get('update_rule', 'official') != 'official': parts.append(_fmt(p['update_rule']))
-        parts += [f"a{_fmt(p.get('alpha'))}", f"b{_fmt(p.get('beta'))}", f"g{_fmt(p.get('gamma'))}"]
-        shown |= {'update_rule', 'alpha', 'beta', 'gamma'}
-    for k in sorted(set(varied) - shown):
-        v = p.get(k)
-        if isinstance(v, bool): parts.append(k if v else f'no-{k}')
-        elif isinstance(v, str): parts.append(_fmt(v))
-        else: parts.append(_ABBR.get(k, k.replace('.', '_')) + _fmt(v))
-    parts.append(f"s{_fmt(p.get('seed', 0))}")
-    return '-'.join(parts)
 
 # %% ../nbs/10_sweep.ipynb #b7b3c142
 def _matches(p:dict, when:dict) -> bool:
@@ -382,17 +361,6 @@ def _check_run(units:list[dict], dry_run:bool=False) -> list[str]:
     return notes
 
 # %% ../nbs/10_sweep.ipynb #f109cd15
-def _atomic_write_text(path, text:str):
-    "Write text via a temporary file, fsync and rename, so readers never see half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-def _read_json(path, default=None):
-    try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError): return default
-
 def _stage_up_to_date(st:dict, stage:str, params:dict, unit_dir:Path) -> bool:
     e = st.get('stages', {}).get(stage, {})
     return (e.get('state') == 'done' and _what(e.get('params') or {}) == _what(params)

@@ -29,9 +29,10 @@ from .checkpoint import (CKPT_FORMAT, CorruptCheckpointError, NonFiniteCheckpoin
 __all__ = ['UPDATE_RULES', 'LR_SCHEDULES', 'METHODS', 'DATASETS', 'SAFE_CHANGES', 'LegacySGD', 'make_optimizers', 'apply_update',
            'ema_decay', 'ModelEMA', 'lr_at_epoch', 'Run', 'total_loss', 'Method', 'register_method',
            'NonFiniteLossError', 'NonFiniteWeightsError', 'AFD', 'TrainConfig', 'ConfigChangedError',
-           'FinishedRunError', 'config_diff', 'evaluate_epoch', 'export_model', 'fine_tune', 'CKPT_FORMAT',
-           'CorruptCheckpointError', 'NonFiniteCheckpointError', 'RunDirError', 'RunLock', 'RunLockedError',
-           'atomic_save', 'atomic_write_text', 'load_last_checkpoint', 'read_checkpoint', 'save_checkpoint']
+           'FinishedRunError', 'config_diff', 'RunInterrupted', 'evaluate_epoch', 'export_model', 'fine_tune',
+           'CKPT_FORMAT', 'CorruptCheckpointError', 'NonFiniteCheckpointError', 'RunDirError', 'RunLock',
+           'RunLockedError', 'atomic_save', 'atomic_write_text', 'load_last_checkpoint', 'read_checkpoint',
+           'save_checkpoint']
 
 # %% ../nbs/06_train.ipynb #07baa99e
 _all_ = ['CKPT_FORMAT', 'CorruptCheckpointError', 'NonFiniteCheckpointError', 'RunDirError', 'RunLock', 'RunLockedError',
@@ -554,7 +555,7 @@ class _Loop:
     sums: dict = field(default_factory=dict)    # running sums of the current epoch's logged numbers
     train_time: float = 0.0
     changes: list = field(default_factory=list) # settings changed on resume (allow_changes), with the step
-    clear_replaced: bool = True       # delete out_dir/.replaced-*/ once this run has written a checkpoint
+    clear_replaced: Path | None = None  # the .replaced-<time>/ folder this run set aside (fresh=True), deleted after its first checkpoint
 
 
 def _setup_data(cfg: TrainConfig, lp: _Loop, train_ds, eval_ds) -> int:
@@ -676,6 +677,7 @@ def _train_epoch(run: Run, method: Method, lp: _Loop, epoch: int):
     t0 = time.time()
     for i, (x, y) in enumerate(lp.loader):
         if i < run.batch: continue                                     # resumed mid-epoch: this batch is done
+        if _STOP: bar.close(); _interrupted(run, lp, lp.train_time + time.time() - t0, epoch)   # Ctrl-C / SIGTERM: checkpoint, stop
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         run.gen = _step_generator(cfg.seed, run.step, lp.dev)
         n_batch = dd.begin_step(x, run.gen)                            # global batch size; run.gen moved to this rank's slice
@@ -698,6 +700,50 @@ def _train_epoch(run: Run, method: Method, lp: _Loop, epoch: int):
     bar.close()
     lp.train_time += time.time() - t0
 
+# %% ../nbs/06_train.ipynb #4f7c9a31
+import signal, sys, threading
+from .checkpoint import replaced_note
+
+class RunInterrupted(SystemExit):
+    "fine_tune stopped on SIGINT/SIGTERM after writing a checkpoint; exit status 128 + signal; `.signal`, `.epoch`, `.step`, `.path`."
+    def __init__(self, msg: str, signum: int, epoch: int, step: int, path: str):
+        super().__init__(128 + signum)
+        self.msg, self.signal, self.epoch, self.step, self.path = msg, signum, epoch, step, path
+    def __str__(self): return self.msg
+
+
+_STOP: dict = {}   # {'signum': n} once SIGINT/SIGTERM arrived during a run; read at every step boundary
+
+
+@contextlib.contextmanager
+def _stop_on_signals(enabled: bool): # False (several processes, or not the main thread): leave the signals alone
+    "SIGINT and SIGTERM ask the loop to stop at the next step boundary (a second one stops at once); old handlers restored."
+    if not enabled or threading.current_thread() is not threading.main_thread(): yield; return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    prev = {s: signal.getsignal(s) for s in sigs}
+    def handler(signum, frame):
+        if _STOP: raise KeyboardInterrupt(f'{signal.Signals(signum).name} again: stopped at once')
+        _STOP['signum'] = signum
+        os.write(2, f'\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint '
+                    '(send it again to stop at once, without one)\n'.encode())
+    _STOP.clear()
+    for s in sigs: signal.signal(s, handler)
+    try: yield
+    finally:
+        for s in sigs: signal.signal(s, prev[s] if prev[s] is not None else signal.SIG_DFL)
+        _STOP.clear()
+
+
+def _interrupted(run: Run, lp: _Loop, train_time: float, epoch: int):
+    "At a step boundary after a stop request: checkpoint, one line saying where, then raise RunInterrupted."
+    signum = _STOP['signum']
+    _save(run, lp, train_time, epoch - 1)
+    path = lp.out / 'ckpt_last.pt'
+    msg = (f'{signal.Signals(signum).name}: stopped in epoch {epoch}/{run.cfg.epochs} after step {run.step} '
+           f'(batch {run.batch} of {len(lp.loader)}); checkpoint {path} written. Run the same command again to resume.')
+    print(msg, file=sys.stderr, flush=True)
+    raise RunInterrupted(msg, signum, epoch, run.step, str(path))
+
 # %% ../nbs/06_train.ipynb #6cb03e47
 def _check_weights(run: Run):
     "Raise NonFiniteWeightsError (naming the last good checkpoint) if the weights or the EMA hold NaN or infinity."
@@ -709,11 +755,11 @@ def _check_weights(run: Run):
 
 
 def _save(run: Run, lp: _Loop, train_time: float, epochs_done: int):
-    "Checkpoint the run (finite weights only); once written, delete a run that fresh=True set aside."
+    "Checkpoint the run (finite weights only); once written, delete the old run that this run's fresh=True set aside."
     _check_weights(run)
     path = save_checkpoint(_checkpoint(run, lp, train_time, epochs_done), lp.out)
     run.last_ckpt = f'{path} (after step {run.step})'
-    if lp.clear_replaced: drop_replaced(lp.out); lp.clear_replaced = False
+    if lp.clear_replaced: drop_replaced(lp.out, only=[lp.clear_replaced]); lp.clear_replaced = None
 
 
 def evaluate_epoch(model: nn.Module, x, y, cfg: TrainConfig, tracker: GapTracker | None) -> dict:
@@ -808,10 +854,13 @@ def _evaluate_start(run: Run, lp: _Loop, eval_net: nn.Module):
     if lp.progress: _print_row(lp.history[-1], run.cfg)
 
 
-def _replace_old_run(out: Path, progress: bool):
-    "fresh=True, with everything checked: move the old run aside (deleted after the new run's first checkpoint)."
-    kept = set_aside(out)
-    if kept is not None and progress: print(f'fresh=True: the previous run in {out} is kept in {kept.name}/ until this run writes its first checkpoint')
+def _replace_old_run(out: Path, lp: _Loop, fresh: bool):
+    "With everything checked: fresh=True moves the old run aside (deleted after this run's first checkpoint); any run names older ones."
+    if fresh:
+        lp.clear_replaced = set_aside(out)
+        if lp.clear_replaced is not None and lp.progress:
+            print(f'fresh=True: the previous run in {out} is kept in {lp.clear_replaced.name}/ until this run writes its first checkpoint')
+    if note := replaced_note(out, skip=[lp.clear_replaced] if lp.clear_replaced else []): print(note)   # left by a run that crashed
 
 # %% ../nbs/06_train.ipynb #a03002d5
 def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dict is turned into a TrainConfig)
@@ -837,11 +886,12 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
         stack.enter_context(_torch_settings(cfg, lp.dev))
         n_classes = _setup_data(cfg, lp, train_ds, eval_ds)           # data, then the model: the order the seeds expect
         run, student = _setup_models(cfg, method, lp, model, teacher, n_classes)
-        if fresh and dd.is_main: _replace_old_run(out, lp.progress)
+        if dd.is_main: _replace_old_run(out, lp, fresh)
         if ck is not None: _restore(run, lp, ck)
         if cfg.compile: run.model.compile()
         if dd.is_main: atomic_write_text(out / 'config.json', json.dumps(asdict(cfg), indent=1))
         eval_net = run.ema.module if run.ema is not None else run.model
+        stack.enter_context(_stop_on_signals(dd.world_size == 1))    # SIGINT/SIGTERM: checkpoint at the next step, RunInterrupted
         if ck is None and cfg.eval_at_start: _evaluate_start(run, lp, eval_net)
         for epoch in range(run.epoch + 1, cfg.epochs + 1):
             lr = _start_epoch(run, lp, epoch)

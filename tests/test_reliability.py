@@ -55,7 +55,9 @@ def test_fresh_keeps_the_old_run_until_the_new_one_has_a_checkpoint(finished, mo
     assert _files(kept) == before                                     # the old run, complete, moved aside
     monkeypatch.undo()
     fine_tune(TrainConfig(**{**TINY, 'lr': 0.01}, out_dir=str(out)), progress=False, fresh=True)
-    assert not list(out.glob('.replaced-*'))                          # deleted once the new run had a checkpoint
+    # this fresh run set aside only what the failed one left (and deleted that after its first checkpoint); the old run
+    # was set aside by the failed run, so it stays until the user decides (issue 19: only the run that set it aside clears it)
+    assert list(out.glob('.replaced-*')) == [kept] and _files(kept) == before
     assert read_checkpoint(out / 'ckpt_last.pt')['config']['lr'] == 0.01
 
 
@@ -171,16 +173,22 @@ def test_second_process_is_refused_with_the_holders_name(tmp_path, cifar10_train
 def test_two_fine_tunes_on_one_folder(tmp_path, cifar10_train, resnet20):
     "Two real runs at once: the second is refused while the first runs, and the first finishes normally."
     out = tmp_path / 'run'
-    code = ('import json, sys, torch\ntorch.set_num_threads(1)\nfrom afd_nb.train import TrainConfig, fine_tune\n'
-            'fine_tune(TrainConfig(**json.loads(sys.argv[1])), progress=False)\nprint("FINISHED")')
-    first = subprocess.Popen([sys.executable, '-c', code, json.dumps({**TINY, 'out_dir': str(out)})], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    t0 = time.time()
-    while not (out / '.lock').exists():
-        assert first.poll() is None and time.time() - t0 < 900, first.communicate()[1][-2000:]
-        time.sleep(0.01)
-    with pytest.raises(RunLockedError, match=f'process {first.pid}'): fine_tune(TrainConfig(**TINY, out_dir=str(out)), progress=False)
-    o, err = first.communicate(timeout=600)
+    # the first run holds its lock inside fine_tune and waits, before its first epoch, until the test writes a line to its
+    # stdin: the second run is tried while the first certainly runs, however loaded the machine is
+    code = ('import json, sys, torch\ntorch.set_num_threads(1)\nimport afd_nb.train as T\n_epoch = T._train_epoch\n'
+            'def held(*a, **k):\n    print("TRAINING", flush=True); sys.stdin.readline(); return _epoch(*a, **k)\n'
+            'T._train_epoch = held\n'
+            'T.fine_tune(T.TrainConfig(**json.loads(sys.argv[1])), progress=False)\nprint("FINISHED")')
+    first = subprocess.Popen([sys.executable, '-c', code, json.dumps({**TINY, 'out_dir': str(out)})], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        line = first.stdout.readline()
+        assert line.strip() == 'TRAINING', first.communicate()[1][-2000:]
+        assert (out / '.lock').exists()
+        with pytest.raises(RunLockedError, match=f'process {first.pid}'): fine_tune(TrainConfig(**TINY, out_dir=str(out)), progress=False)
+        o, err = first.communicate('go\n', timeout=600)
+    finally:
+        if first.poll() is None: first.kill(); first.wait()
     assert first.returncode == 0 and 'FINISHED' in o, err[-2000:]
     assert not (out / '.lock').exists()
 

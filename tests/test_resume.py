@@ -30,9 +30,9 @@ import io, json, os, sys, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
 if os.environ.get('AFD_TEST_STALL'):
-    import afd_nb.checkpoint as C
+    import afd_nb.checkpoint as C, afd_nb.run_folder as R      # atomic_save (checkpoint) and atomic_write_text (run_folder)
     name, nth, marker = os.environ['AFD_TEST_STALL'].split(':', 2)
-    real, seen = C._atomic_write, [0]
+    real, seen = R._atomic_write, [0]
     def stalling(path, write):
         if Path(path).name == name:
             seen[0] += 1
@@ -43,7 +43,7 @@ if os.environ.get('AFD_TEST_STALL'):
                     Path(marker).touch(); time.sleep(3600)
                 return real(path, halfway)
         return real(path, write)
-    C._atomic_write = stalling
+    C._atomic_write = R._atomic_write = stalling
 from afd_nb.train import TrainConfig, fine_tune
 fine_tune(TrainConfig(**json.loads(sys.argv[1])), progress=False)
 print('FINISHED')

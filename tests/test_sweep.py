@@ -92,6 +92,29 @@ def test_config_file_problems_are_one_line_naming_the_file(tmp_path, capsys, con
     assert err.count('\n') == 1 and msg in err and not (tmp_path/'runs').exists()
 
 
+@pytest.mark.parametrize('content, msg', [
+    (b'defaults:\n  eps: 8/0\n', "defaults.eps: '8/0' divides by zero"),            # was a raw ZeroDivisionError
+    (b'defaults: {seed: 0}\ngrid:\n  eps: [8/255, 4/0]\n', "grid.eps: '4/0' divides by zero"),
+    (b'defaults: {seed: 0}\nstages: finetune\n', "stages: 'finetune' is not a list; write stages: [finetune]"),  # was "unknown stage 'f'"
+    (b'defaults: {seed: 0}\njobs: 2.7\n', 'jobs: 2.7 is not a whole number >= 1'),   # was silently 2
+    (b'defaults: {seed: 0}\njobs: -1\n', 'jobs: -1 is not a whole number >= 1'),
+    (b'defaults: {seed: 0}\njobs: true\n', 'jobs: True is not a whole number >= 1')])
+def test_bad_settings_are_one_line_naming_the_setting(tmp_path, capsys, content, msg):
+    "Settings YAML accepts but the sweep cannot use: one line naming the file and the setting, exit 2, nothing written."
+    p = tmp_path/'c.yaml'; p.write_bytes(content)
+    with pytest.raises(ValueError) as e: S.load_config(p)
+    assert msg in str(e.value) and str(p) in str(e.value) and '\n' not in str(e.value)
+    assert S.main([str(p), '--dry-run', '--runs-dir', str(tmp_path/'runs')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and msg in err and not (tmp_path/'runs').exists()
+
+
+def test_good_settings_still_load(tmp_path):
+    p = tmp_path/'c.yaml'; p.write_text('defaults: {eps: 8/255}\nstages: [finetune]\njobs: 3\n')
+    c = S.load_config(p)
+    assert c['defaults']['eps'] == 8 / 255 and c['stages'] == ['finetune'] and c['jobs'] == 3
+
+
 def test_notebooks_folder_is_relative_to_the_config_file(tmp_path):
     (tmp_path/'sub').mkdir()
     p = tmp_path/'sub'/'c.yaml'; p.write_text('notebooks: nbs\ndefaults: {seed: 0}\n')

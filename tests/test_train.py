@@ -175,9 +175,9 @@ def test_unknown_rule():
 
 
 # ---------------------------------------------------------------- the loop
-def test_teacher_never_changes_and_export_loads(tmp_path, resnet20, cifar10_train):
-    from afd_nb.models import build_model, load_checkpoint, load_pretrained
-    teacher = load_pretrained('resnet20')
+def test_teacher_never_changes_and_export_loads(tmp_path, resnet20, cifar10_train, cifar10_test):
+    from afd_nb.models import build_model, load_checkpoint
+    teacher = copy.deepcopy(resnet20)                    # the fixture obtained the weights (or skipped with the reason)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     r = fine_tune(TrainConfig(**TINY, out_dir=str(tmp_path / 'run')), teacher=teacher, progress=False)
     assert r['teacher'] is teacher
@@ -226,14 +226,18 @@ def test_validate_accepts_defaults_and_fills_method_defaults():
     assert {'afd', 'vaft', 'rgkd', 'arrest', 'trades'} <= set(METHODS)
 
 
-def test_checkpoint_of_other_arch_is_refused(tmp_path):
+def test_checkpoint_of_other_arch_is_refused(tmp_path, cifar10_train, cifar10_test):
     from afd_nb.models import CheckpointMismatchError, pretrained_path
-    cfg = TrainConfig(**TINY, arch='resnet32', checkpoint=str(pretrained_path('resnet20')), out_dir=str(tmp_path / 'x'))
+    from conftest import obtain
+    path = obtain('ResNet-20 weights', lambda dl: pretrained_path('resnet20', download=dl))
+    cfg = TrainConfig(**TINY, arch='resnet32', checkpoint=str(path), out_dir=str(tmp_path / 'x'))
     with pytest.raises(CheckpointMismatchError) as e: fine_tune(cfg, progress=False)
     assert 'resnet' in str(e.value)
 
 
-def test_teacher_of_other_arch_is_refused(tmp_path):
+def test_teacher_of_other_arch_is_refused(tmp_path, resnet20, cifar10_train, cifar10_test):
     from afd_nb.models import load_pretrained
+    from conftest import obtain
+    resnet32 = obtain('ResNet-32 weights', lambda dl: load_pretrained('resnet32', download=dl))
     with pytest.raises(ValueError, match="differs from the student's backbone"):
-        fine_tune(TrainConfig(**TINY, out_dir=str(tmp_path / 'x')), teacher=load_pretrained('resnet32'), progress=False)
+        fine_tune(TrainConfig(**TINY, out_dir=str(tmp_path / 'x')), teacher=resnet32, progress=False)
