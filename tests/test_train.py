@@ -277,3 +277,24 @@ def test_d2_accuracy_counts_images_where_d2_picks_the_confusing_label():
     run.model = SimpleNamespace(D1=nn.Linear(4, 4, bias=False), D2=nn.Linear(4, 4, bias=False))
     d = METHODS['afd'].epoch_log(run, dict(dis=3.0, sep=1.5, align=0.3, _d2_hits=5.0), 3, 8)['dis']
     assert (d['L_dis'], d['L_sep'], d['L_align'], d['d2_acc']) == (3.0 / 3, 1.5 / 3, 0.3 / 3, 5 / 8)   # sums / steps, hits / images
+
+
+def test_one_pass_evaluation_of_two_models_equals_evaluating_each_alone(resnet20, cifar10_test):
+    "evaluate_epoch(ema, raw=raw): one pass over the images, yet each model's numbers are those it gets alone, bit for bit."
+    from afd_nb.train import evaluate_epoch
+    from afd_nb.gap import GapTracker
+    x, y = (t[:40] for t in cifar10_test.tensors())
+    other = copy.deepcopy(resnet20)
+    with torch.no_grad():
+        for p in other.layer3.parameters(): p.mul_(1.1)
+    other.train()                                                        # the raw model is in train mode in the loop
+    cfg = TrainConfig(eval_steps=3, eval_step_size=0.003, seed=7)
+    gap = lambda: GapTracker(x[:8], y[:8], steps=3, seed=7)
+    both = evaluate_epoch(resnet20, x, y, cfg, gap(), raw=other)
+    assert both['raw'] == evaluate_epoch(other, x, y, cfg, gap()) and other.training   # mode restored
+    assert {k: v for k, v in both.items() if k != 'raw'} == evaluate_epoch(resnet20, x, y, cfg, gap())
+    assert both['raw'] != {k: v for k, v in both.items() if k != 'raw'}             # two different models were evaluated
+    from afd_nb.attacks import accuracy, robust_accuracy                                 # the numbers of the earlier per-model code
+    g = torch.Generator().manual_seed(cfg.seed + 2024)
+    assert (both['clean_acc'], both['pgd_acc']) == (accuracy(resnet20, x, y),
+                                                    robust_accuracy(resnet20, x, y, eps=cfg.eps, step_size=0.003, steps=3, generator=g))
