@@ -277,19 +277,21 @@ class AFD(Method):
     def update(self, run, terms): apply_update(run.cfg.update_rule, run.model, terms, run.opts, self.weights(run.cfg))
 
     def losses(self, run, x_in, x, y):
-        "The four terms; also counts the images where D2's logits pick ỹ (global count under DDP) for `epoch_log`."
+        "The four terms; also counts the images where z2 (and, for reference, z1) pick ỹ (global counts under DDP), for `epoch_log`."
         out = run.model(x_in)
-        hits = (out.z2.detach().argmax(1) == confusing_label(out.z1, y)).sum()
+        y_conf = confusing_label(out.z1, y)
+        hits = torch.stack([(z.detach().argmax(1) == y_conf).sum() for z in (out.z2, out.z1)])
         if world_size() > 1: torch.distributed.all_reduce(hits)
-        run.stats['_d2_hits'] = hits
+        run.stats['_d2_hits'], run.stats['_z1_hits'] = hits
         return afd_losses(out, y, teacher_features(run.teacher, x))
 
     def epoch_log(self, run, sums, n, n_images):
-        "`dis`: epoch means of L_dis, L_sep (mean cos(f1, f2)), L_align; ‖D1 − I‖_F, ‖D2 − I‖_F now; D2's accuracy on ỹ."
+        "`dis`: epoch means of L_dis, L_sep (mean cos(f1, f2)), L_align; ‖D1 − I‖_F, ‖D2 − I‖_F now; z2's (and z1's) accuracy on ỹ."
         I = lambda D: torch.eye(D.weight.shape[0], dtype=torch.float64, device=D.weight.device)
         dev = lambda D: (D.weight.detach().double() - I(D)).norm().item()
         return dict(dis=dict(L_dis=sums.get('dis', 0.0) / n, L_sep=sums.get('sep', 0.0) / n, L_align=sums.get('align', 0.0) / n,
-                             d1_dev=dev(run.model.D1), d2_dev=dev(run.model.D2), d2_acc=sums.get('_d2_hits', 0.0) / max(n_images, 1)))
+                             d1_dev=dev(run.model.D1), d2_dev=dev(run.model.D2), d2_acc=sums.get('_d2_hits', 0.0) / max(n_images, 1),
+                             z1_acc=sums.get('_z1_hits', 0.0) / max(n_images, 1)))
 
 # %% ../nbs/06_train.ipynb #451442db
 DATASETS = dict(FLAVOURS)   # dataset -> valid flavours (afd_nb.data)

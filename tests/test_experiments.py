@@ -80,7 +80,7 @@ def test_finetune_writes_metrics_and_checkpoints(finetuned):
     assert rows[1]['gap']['linf'] > 0 and 'd1_linf' in rows[1]['gap']
     assert 0 <= rows[1]['pgd_acc'] <= 1 and 0 <= rows[1]['clean_acc'] <= 1   # fractions (PGD <= clean is likely, not guaranteed)
     assert rows[1]['eval_model'] == 'ema' and 0 <= rows[1]['raw']['pgd_acc'] <= 1 and 0 <= rows[1]['raw']['clean_acc'] <= 1
-    assert set(rows[1]['dis']) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc'}
+    assert set(rows[1]['dis']) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc', 'z1_acc'}
     assert all(math.isfinite(v) for v in rows[1]['dis'].values()) and 0 <= rows[1]['dis']['d2_acc'] <= 1
     summ = json.loads((out/'finetune.json').read_text())
     assert summ['config']['seed'] == 1234 and summ['device_name'].startswith('CPU')

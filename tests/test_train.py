@@ -250,9 +250,10 @@ def test_afd_logs_raw_and_the_disentangler(tmp_path, alpha):
     for x in rows[1:]:
         assert {'clean_acc', 'pgd_acc', 'gap'} <= set(x['raw']) and 'd1_linf' in x['raw']['gap']
         d = x['dis']
-        assert set(d) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc'} and all(math.isfinite(v) for v in d.values())
+        assert set(d) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc', 'z1_acc'} and all(math.isfinite(v) for v in d.values())
         assert (d['L_dis'], d['L_sep'], d['L_align']) == (x['losses']['dis'], x['losses']['sep'], x['losses']['align'])
-        assert -1 <= d['L_sep'] <= 1 and 0 <= d['d2_acc'] <= 1 and d['d1_dev'] > 0 and d['d2_dev'] >= 0
+        assert -1 <= d['L_sep'] <= 1 and 0 <= min(d['d2_acc'], d['z1_acc']) <= max(d['d2_acc'], d['z1_acc']) <= 1
+        assert d['d1_dev'] > 0 and d['d2_dev'] >= 0
         assert not any(k.startswith('_') for k in x['stats'])
     eye = torch.eye(64, dtype=torch.float64)
     assert rows[2]['dis']['d1_dev'] == (r['net'].D1.weight.detach().double() - eye).norm().item()   # raw weights, end of epoch
@@ -261,21 +262,22 @@ def test_afd_logs_raw_and_the_disentangler(tmp_path, alpha):
 
 
 def test_d2_accuracy_counts_images_where_d2_picks_the_confusing_label():
-    "AFD.losses counts argmax z2 == ỹ over the batch; epoch_log divides by the images of the epoch."
+    "AFD.losses counts argmax z2 == ỹ (and argmax z1 == ỹ) over the batch; epoch_log divides by the images of the epoch."
     from types import SimpleNamespace
     from afd_nb.disentangle import DisOut
-    z1 = torch.tensor([[5., 1., 0.], [0., 2., 3.], [1., 0., 4.]])          # ỹ = 1, 1 (true 2), 0 (true 2)
-    z2 = torch.tensor([[0., 9., 0.], [9., 0., 0.], [9., 0., 0.]])          # argmax 1, 0, 0: right on images 0 and 2
+    z1 = torch.tensor([[5., 1., 0.], [0., 2., 3.], [1., 0., 4.]])          # labels 0, 2, 0: ỹ = 1, 1, 2; argmax z1 = ỹ on image 2 only
+    z2 = torch.tensor([[0., 9., 0.], [0., 9., 0.], [9., 0., 0.]])          # argmax 1, 1, 0: = ỹ on images 0 and 1
     f = torch.randn(3, 4)
     class Net(nn.Module):
         def forward(self, x): return DisOut(z1, z2, f, f + 1, f)
     class Teacher(nn.Module):
         def features(self, x): return f
     run = SimpleNamespace(model=Net(), teacher=Teacher(), stats={})
-    terms = METHODS['afd'].losses(run, torch.zeros(3), torch.zeros(3), torch.tensor([0, 2, 2]))
-    assert run.stats['_d2_hits'].item() == 2 and set(terms) == {'ce', 'dis', 'sep', 'align'}
+    terms = METHODS['afd'].losses(run, torch.zeros(3), torch.zeros(3), torch.tensor([0, 2, 0]))
+    assert (run.stats['_d2_hits'].item(), run.stats['_z1_hits'].item()) == (2, 1) and set(terms) == {'ce', 'dis', 'sep', 'align'}
     run.model = SimpleNamespace(D1=nn.Linear(4, 4, bias=False), D2=nn.Linear(4, 4, bias=False))
-    d = METHODS['afd'].epoch_log(run, dict(dis=3.0, sep=1.5, align=0.3, _d2_hits=5.0), 3, 8)['dis']
+    d = METHODS['afd'].epoch_log(run, dict(dis=3.0, sep=1.5, align=0.3, _d2_hits=5.0, _z1_hits=2.0), 3, 8)['dis']
+    assert d['z1_acc'] == 2 / 8
     assert (d['L_dis'], d['L_sep'], d['L_align'], d['d2_acc']) == (3.0 / 3, 1.5 / 3, 0.3 / 3, 5 / 8)   # sums / steps, hits / images
 
 
