@@ -9,18 +9,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .attacks import pgd
+from .distributed import global_mean
 from .losses import teacher_features
 from .train import Method, Run, register_method
 
 # %% auto #0
-__all__ = ['VAFT', 'rgkd_loss', 'RGKD', 'clean_feature_distance', 'noisy_input', 'ARREST', 'trades_attack', 'TRADES']
+__all__ = ['VAFT', 'rgkd_loss', 'RGKD', 'clean_feature_distance', 'noisy_input', 'replay_distance', 'ARREST', 'trades_attack',
+           'TRADES']
 
 # %% ../nbs/07_baselines.ipynb #aaaca4e7
 @register_method
 class VAFT(Method):
-    "Vanilla AFT: CE on PGD-10 examples (step 2/255 as in the authors' baseline), one SGD, no EMA by default."
+    "Vanilla AFT: CE on PGD-10 examples (step 2/255 as in the authors' baseline), one SGD; a weight EMA tracked beside it."
     name = 'vaft'
-    defaults = dict(ema=False, train_step_size=2 / 255)
+    defaults = dict(ema=True, train_step_size=2 / 255)
 
 # %% ../nbs/07_baselines.ipynb #f65b4ac5
 def rgkd_loss(f_adv: torch.Tensor,     # student features of the training inputs, (B, d)
@@ -60,6 +62,11 @@ def noisy_input(x: torch.Tensor, eps: float = 8 / 255, generator: torch.Generato
     return torch.clamp(x + (2 * u - 1) * eps, 0, 1)
 
 
+def replay_distance(model: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    "ARREST's δ of the batch: `clean_feature_distance` of this process's images, averaged over the global batch under DDP."
+    return global_mean(clean_feature_distance(model, teacher, x), len(x)).item()   # all ranks get the same δ, so the same decision
+
+
 @register_method
 class ARREST(RGKD):
     "ARREST: AFT+RGKD, training on x + U(−ε, ε) instead of PGD when the clean-feature angle to θᵖ is >= arrest_angle (epoch <= arrest_epochs)."
@@ -68,7 +75,7 @@ class ARREST(RGKD):
     def attack(self, run, x, y):
         c = run.cfg
         if run.epoch <= c.arrest_epochs:
-            dist = clean_feature_distance(run.model, run.teacher, x).item()
+            dist = replay_distance(run.model, run.teacher, x)
             replay = dist >= 1 - math.cos(math.radians(c.arrest_angle))
             run.stats.update(replay=float(replay), clean_dist=dist)
             if replay: return noisy_input(x, c.eps, run.gen)
@@ -106,9 +113,9 @@ def trades_attack(model: nn.Module,        # classifier on [0,1] images
 
 @register_method
 class TRADES(Method):
-    "TRADES fine-tuning: CE(f(x), y) + β·KL(p(x) ‖ p(x')) with TRADES's KL attack; one SGD, no EMA by default."
+    "TRADES fine-tuning: CE(f(x), y) + β·KL(p(x) ‖ p(x')) with TRADES's KL attack; one SGD, a weight EMA tracked beside it."
     name = 'trades'
-    defaults = dict(ema=False, train_step_size=0.007)
+    defaults = dict(ema=True, train_step_size=0.007)
 
     def weights(self, cfg): return dict(ce=1.0, kl=cfg.trades_beta)
 

@@ -136,12 +136,13 @@ def evaluate(model: nn.Module, # classifier on [0,1] images (a `Disentangled` or
              aa_n_queries: int | None = None, # custom only: Square queries
              tf32: bool | None = False, # TF32 matmuls/convolutions during the evaluation (False: full fp32; None: as set)
              aa_max_disagree: float = AA_MAX_DISAGREE, # raise if more AutoAttack verdicts than this share contradict the re-score
+             per_image: bool = False, # also return 'correct': per-image boolean tensors Clean, PGD, AA (None without AA)
             ) -> dict:
     "Clean, PGD and AutoAttack accuracy (%) on the first n images, their mean 'Avg', and the configuration used."
     x, y, n = _first_n(x, y, n)
     device, home = torch.device(device), next(model.parameters(), torch.empty(0)).device
     counts, secs = dict(clean=0, pgd=0, aa=0, aa_rescored=0), dict(clean=0., pgd=0., aa=0.)
-    disagree, allowed = [], aa_allowed(n, aa_max_disagree)
+    disagree, allowed, hits = [], aa_allowed(n, aa_max_disagree), dict(Clean=[], PGD=[], AA=[])
     gen = torch.Generator(device=device).manual_seed(seed)
     shown = ('clean', 'pgd') if not autoattack else ('clean', 'pgd', 'aa')
     with use_tf32(tf32), _Frozen(model.to(device)), _fork_rng(device):
@@ -153,10 +154,10 @@ def evaluate(model: nn.Module, # classifier on [0,1] images (a `Disentangled` or
             for i in range(0, n, batch_size):
                 xb, yb = x[i:i + batch_size].to(device).float().contiguous(), y[i:i + batch_size].to(device).long()
                 t = time.perf_counter()
-                with torch.no_grad(): counts['clean'] += (model(xb).argmax(1) == yb).sum().item()
+                with torch.no_grad(): hits['Clean'].append(model(xb).argmax(1) == yb); counts['clean'] += hits['Clean'][-1].sum().item()
                 t1 = time.perf_counter(); secs['clean'] += t1 - t
                 xp = pgd(model, xb, yb, eps=eps, step_size=pgd_step_size, steps=pgd_steps, random_start=True, generator=gen)
-                with torch.no_grad(): counts['pgd'] += (model(xp).argmax(1) == yb).sum().item()
+                with torch.no_grad(): hits['PGD'].append(model(xp).argmax(1) == yb); counts['pgd'] += hits['PGD'][-1].sum().item()
                 t2 = time.perf_counter(); secs['pgd'] += t2 - t1
                 if adv is not None:
                     robust, again, rel, gap = _aa_batch(adv, model, xb, yb)
@@ -164,7 +165,7 @@ def evaluate(model: nn.Module, # classifier on [0,1] images (a `Disentangled` or
                         raise RuntimeError(f'AutoAttack left the eps-ball: max |x_adv - x| = {gap:.7f} > eps = {eps:.7f}')
                     disagree += [(i + int(j), round(float(rel[j]), 7)) for j in (robust != again).nonzero().flatten()]
                     if len(disagree) > allowed: raise RuntimeError(_disagree_error(disagree, i + len(xb), allowed, aa_max_disagree))
-                    counts['aa'] += robust.sum().item(); counts['aa_rescored'] += again.sum().item()
+                    counts['aa'] += robust.sum().item(); counts['aa_rescored'] += again.sum().item(); hits['AA'].append(robust)
                     secs['aa'] += time.perf_counter() - t2
                 bar.update(len(xb))
                 bar.set_postfix({k: f'{100 * counts[k] / min(i + batch_size, n):.1f}' for k in shown})
@@ -173,7 +174,9 @@ def evaluate(model: nn.Module, # classifier on [0,1] images (a `Disentangled` or
             model.to(home)
     if disagree: warnings.warn(f'AutoAttack and the re-score disagree on {len(disagree)} of {n} images (allowed {allowed}); '
                                "AA counts AutoAttack's verdicts; see 'aa_rescore' in the result", stacklevel=2)
-    return _result(counts, secs, n, disagree, allowed, aa_max_disagree, adv, flags, tf32, eps, batch_size, device, seed, pgd_steps, pgd_step_size)
+    res = _result(counts, secs, n, disagree, allowed, aa_max_disagree, adv, flags, tf32, eps, batch_size, device, seed, pgd_steps, pgd_step_size)
+    if per_image: res['correct'] = {k: torch.cat(v).cpu() if v else None for k, v in hits.items()}   # image i: the i-th of the first n
+    return res
 
 # %% ../nbs/08_evaluate.ipynb #3c136c8b
 def _first_n(x: torch.Tensor, y: torch.Tensor, n: int | None):

@@ -18,9 +18,9 @@ from . import models as _models
 from .models import ARCHS, PRETRAINED, build_model, load_pretrained, load_checkpoint, pretrained_path
 from .attacks import pgd, accuracy, robust_accuracy
 from .gap import GapTracker
-from .disentangle import Disentangled, fold
+from .disentangle import Disentangled, confusing_label, fold
 from .losses import afd_losses, teacher_features
-from .distributed import setup_distributed
+from .distributed import setup_distributed, world_size
 from .checkpoint import (CKPT_FORMAT, CorruptCheckpointError, NonFiniteCheckpointError, RunDirError, RunLock, RunLockedError,
                          atomic_save, atomic_write_text, clean_temporaries, drop_replaced, ensure_run_dir, load_last_checkpoint,
                          nonfinite_entries, read_checkpoint, save_checkpoint, set_aside)
@@ -196,7 +196,7 @@ class Method:
     name: str = ''
     disentangle: bool = False   # wrap the student in `Disentangled`
     needs_teacher: bool = False # build the frozen pre-trained copy θᵖ
-    defaults: dict = {}         # values for TrainConfig fields left as None: 'ema', 'train_step_size'
+    defaults: dict = dict(ema=True)  # values for TrainConfig fields left as None: 'ema', 'train_step_size'
 
     def weights(self, cfg) -> dict[str, float]:
         "Weight of each loss term in the total (terms not listed are only logged)."
@@ -221,6 +221,10 @@ class Method:
         for o in run.opts.values(): o.zero_grad(set_to_none=True)
         total_loss(terms, self.weights(run.cfg)).backward()
         for o in run.opts.values(): o.step()
+
+    def epoch_log(self, run: Run, sums: dict, n: int, n_images: int) -> dict:
+        "Extra keys of the epoch's metrics line, from the epoch's sums over `n` steps and `n_images` images; default none."
+        return {}
 
     def step(self, run: Run, x, y) -> dict[str, float]:
         "What the loop does with one batch (attack, losses, finiteness check, update); for benchmarks and tests."
@@ -271,8 +275,24 @@ class AFD(Method):
 
     def weights(self, cfg): return dict(ce=1.0, dis=cfg.alpha, sep=cfg.beta, align=cfg.gamma)
     def optimizers(self, model, cfg): return make_optimizers(model, cfg.update_rule, cfg.lr, cfg.momentum, cfg.weight_decay)
-    def losses(self, run, x_in, x, y): return afd_losses(run.model(x_in), y, teacher_features(run.teacher, x))
     def update(self, run, terms): apply_update(run.cfg.update_rule, run.model, terms, run.opts, self.weights(run.cfg))
+
+    def losses(self, run, x_in, x, y):
+        "The four terms; also counts the images where z2 (and, for reference, z1) pick ỹ (global counts under DDP), for `epoch_log`."
+        out = run.model(x_in)
+        y_conf = confusing_label(out.z1, y)
+        hits = torch.stack([(z.detach().argmax(1) == y_conf).sum() for z in (out.z2, out.z1)])
+        if world_size() > 1: torch.distributed.all_reduce(hits)
+        run.stats['_d2_hits'], run.stats['_z1_hits'] = hits
+        return afd_losses(out, y, teacher_features(run.teacher, x))
+
+    def epoch_log(self, run, sums, n, n_images):
+        "`dis`: epoch means of L_dis, L_sep (mean cos(f1, f2)), L_align; ‖D1 − I‖_F, ‖D2 − I‖_F now; z2's (and z1's) accuracy on ỹ."
+        I = lambda D: torch.eye(D.weight.shape[0], dtype=torch.float64, device=D.weight.device)
+        dev = lambda D: (D.weight.detach().double() - I(D)).norm().item()
+        return dict(dis=dict(L_dis=sums.get('dis', 0.0) / n, L_sep=sums.get('sep', 0.0) / n, L_align=sums.get('align', 0.0) / n,
+                             d1_dev=dev(run.model.D1), d2_dev=dev(run.model.D2), d2_acc=sums.get('_d2_hits', 0.0) / max(n_images, 1),
+                             z1_acc=sums.get('_z1_hits', 0.0) / max(n_images, 1)))
 
 # %% ../nbs/06_train.ipynb #451442db
 DATASETS = dict(FLAVOURS)   # dataset -> valid flavours (afd_nb.data)
@@ -301,7 +321,7 @@ class TrainConfig:
     beta: float = 0.25                 # weight of L_sep
     gamma: float = 25.0                # weight of L_align
     rgkd_weight: float = 50.0          # RGKD/ARREST: weight of 1 - cos(g(x'), g(x; θᵖ))
-    arrest_epochs: int = 10            # ARREST: noisy replay is possible while epoch <= this
+    arrest_epochs: int | None = None   # ARREST: noisy replay is possible while epoch <= this; None = epochs // 2
     arrest_angle: float = 30.0         # ARREST: replay when the clean-feature angle to the teacher is >= this (degrees)
     trades_beta: float = 6.0           # TRADES: weight of the KL term
     # optimisation
@@ -311,7 +331,7 @@ class TrainConfig:
     lr_schedule: str = 'afd'           # afd (the authors' table), multistep, cosine, constant
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    ema: bool | None = None            # weight EMA (evaluated and exported); None = the method's default
+    ema: bool | None = None            # also track a weight EMA, the main model (None: the method's default, True but natural)
     # attacks
     eps: float = 8 / 255               # L∞ radius of training and evaluation attacks
     train_step_size: float | None = None  # training PGD step; None = the method's default (AFD 0.007, vAFT 2/255)
@@ -335,11 +355,12 @@ class TrainConfig:
 
 # %% ../nbs/06_train.ipynb #325a007f
 def _resolved(self) -> TrainConfig:
-    "A copy with the method's defaults filled in for fields left as None."
+    "A copy with the method's defaults filled in for fields left as None, and arrest_epochs = epochs // 2 if None."
     _load_plugins()
-    m = METHODS.get(self.method)
-    if m is None: return replace(self)
-    return replace(self, **{k: v for k, v in m.defaults.items() if getattr(self, k, 0) is None})
+    m, kw = METHODS.get(self.method), {}
+    if self.arrest_epochs is None and isinstance(self.epochs, int): kw['arrest_epochs'] = self.epochs // 2
+    if m is not None: kw.update({k: v for k, v in m.defaults.items() if getattr(self, k, 0) is None})
+    return replace(self, **kw)
 
 
 def _validate(self) -> TrainConfig:
@@ -391,9 +412,9 @@ def _check_numbers(cfg: TrainConfig):
     "Integers and numbers in their ranges."
     isint = lambda v: isinstance(v, int) and not isinstance(v, bool)
     isnum = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    for k, lo in dict(epochs=1, batch_size=1, train_steps=0, eval_steps=0, n_eval=0, ckpt_every_steps=0, arrest_epochs=0, seed=0).items():
+    for k, lo in dict(epochs=1, batch_size=1, train_steps=0, eval_steps=0, n_eval=0, ckpt_every_steps=0, seed=0).items():
         if not (isint(getattr(cfg, k)) and getattr(cfg, k) >= lo): _bad(cfg, k, f'must be an integer >= {lo}')
-    for k, lo in (('n_train', 1), ('n_per_class', 1), ('n_gap', 0)):
+    for k, lo in (('n_train', 1), ('n_per_class', 1), ('n_gap', 0), ('arrest_epochs', 0)):
         v = getattr(cfg, k)
         if v is not None and not (isint(v) and v >= lo): _bad(cfg, k, f'must be None or an integer >= {lo}')
     for k in ('eps', 'alpha', 'beta', 'gamma', 'rgkd_weight', 'trades_beta', 'weight_decay', 'eval_step_size', 'train_step_size'):
@@ -528,7 +549,10 @@ def _resume_point(out: Path, cfg: TrainConfig, fresh: bool, allow: tuple) -> dic
                                    'replace that run (it is moved to a .replaced-<time> folder inside it until the new run has '
                                    'written its first checkpoint), or choose another out_dir.')
         return None
-    changed = _changed(ck['config'], asdict(cfg))
+    if cfg.ema and ck.get('ema') is None:
+        raise ConfigChangedError(f"{ck['path']} holds no weight EMA (a run started before every method tracked one, or with ema=False); "
+                                 'resume it with ema=False (raw weights only), start over with fresh=True, or choose another out_dir.')
+    changed = [k for k in _changed(ck['config'], asdict(cfg)) if k != 'arrest_epochs' or cfg.method == 'arrest']   # used by ARREST only
     blocked = [k for k in changed if k not in allow]
     if blocked:
         diff = [d for d in config_diff(ck['config'], asdict(cfg)) if d.split(':')[0] in blocked]
@@ -536,7 +560,7 @@ def _resume_point(out: Path, cfg: TrainConfig, fresh: bool, allow: tuple) -> dic
         hint = f' (to change {", ".join(safe)} when resuming, pass allow_changes={safe})' if safe else ''
         raise ConfigChangedError(f'{ck["path"]} was written with another configuration ({"; ".join(diff)}){hint}. Resume with the same '
                                  'configuration, choose another out_dir, or pass fresh=True to start over.')
-    ck['allowed'] = config_diff(ck['config'], asdict(cfg))
+    ck['allowed'] = [d for d in config_diff(ck['config'], asdict(cfg)) if d.split(':')[0] in changed]
     return ck
 
 # %% ../nbs/06_train.ipynb #d99161db
@@ -762,13 +786,38 @@ def _save(run: Run, lp: _Loop, train_time: float, epochs_done: int):
     if lp.clear_replaced: drop_replaced(lp.out, only=[lp.clear_replaced]); lp.clear_replaced = None
 
 
-def evaluate_epoch(model: nn.Module, x, y, cfg: TrainConfig, tracker: GapTracker | None) -> dict:
-    "Clean and PGD accuracy (fp32, fixed attack seed) and the feature gap of `model` on held-out images."
+def _accuracies(models: list, x, y, cfg: TrainConfig, batch_size: int = 256) -> list[dict]:
+    "Clean and PGD accuracy of each model (eval mode, fp32) in one pass over the images; each attack's generator is seeded seed + 2024."
+    gens = [torch.Generator(device=x.device).manual_seed(cfg.seed + 2024) for _ in models]
+    modes = [[m.training for m in net.modules()] for net in models]
+    hits = torch.zeros(len(models), 2, dtype=torch.long, device=x.device)
+    try:
+        for net in models: net.eval()
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            for j, (net, g) in enumerate(zip(models, gens)):
+                xa = pgd(net, xb, yb, eps=cfg.eps, step_size=cfg.eval_step_size, steps=cfg.eval_steps, generator=g)
+                with torch.no_grad(): hits[j, 0] += (net(xb).argmax(1) == yb).sum(); hits[j, 1] += (net(xa).argmax(1) == yb).sum()
+    finally:
+        for net, ms in zip(models, modes):
+            for m, t in zip(net.modules(), ms): m.training = t
+    return [dict(clean_acc=c / len(x), pgd_acc=p / len(x)) for c, p in hits.tolist()]
+
+
+def evaluate_epoch(model: nn.Module,             # the main model (the EMA when tracked)
+                   x, y,                         # held-out images and labels
+                   cfg: TrainConfig,             # eps, eval_step_size, eval_steps, seed
+                   tracker: GapTracker | None,   # feature-gap tracker (None: no gap)
+                   raw: nn.Module | None = None, # also evaluate these weights (the raw model), under 'raw'
+                  ) -> dict:
+    "Clean and PGD accuracy (fp32, fixed attack seed) and the feature gap of `model` on held-out images; `raw` likewise, under 'raw'."
     if len(x) == 0: return {}
-    g = torch.Generator(device=x.device).manual_seed(cfg.seed + 2024)
-    r = dict(clean_acc=accuracy(model, x, y), pgd_acc=robust_accuracy(model, x, y, eps=cfg.eps, step_size=cfg.eval_step_size,
-                                                                      steps=cfg.eval_steps, generator=g))
+    accs = _accuracies([model] + ([raw] if raw is not None else []), x, y, cfg)
+    r = accs[0]
     if tracker is not None: r['gap'] = tracker(model)
+    if raw is not None:
+        r['raw'] = accs[1]
+        if tracker is not None: r['raw']['gap'] = tracker(raw)
     return r
 
 
@@ -782,9 +831,11 @@ def _end_epoch(run: Run, method: Method, lp: _Loop, epoch: int, lr: float, eval_
     _check_weights(run)
     t1 = time.time()
     n = max(sums.pop('_n', 0), 1); n_img = sums.pop('_images', 0)
+    extra = method.epoch_log(run, sums, n, n_img)                      # e.g. AFD's `dis`
     row = dict(epoch=epoch, step=run.step, lr=lr, loss=sums.pop('loss', 0.0) / n,
                losses={k: sums.pop(k) / n for k in list(sums) if k in weights},
-               stats={k: v / n for k, v in sums.items()}, **evaluate_epoch(eval_net, lp.xe, lp.ye, cfg, lp.tracker),
+               stats={k: v / n for k, v in sums.items() if not k.startswith('_')}, **extra,
+               **evaluate_epoch(eval_net, lp.xe, lp.ye, cfg, lp.tracker, raw=None if run.ema is None else run.model),
                eval_model='ema' if run.ema is not None else 'raw', train_time=lp.train_time,
                images_per_s=n_img / max(lp.train_time, 1e-9))
     row['eval_time'] = time.time() - t1
@@ -835,21 +886,26 @@ def _diverged(run: Run, lp: _Loop, err: NonFiniteLossError) -> NonFiniteLossErro
     return type(err)(f'{err} {where[0].upper()}{where[1:]}{how}.', step=err.step, epoch=err.epoch, term=err.term, value=err.value)
 
 # %% ../nbs/06_train.ipynb #5bc0e19a
-def export_model(model: nn.Module, path, cfg: TrainConfig, student: nn.Module) -> nn.Module:
+def export_model(model: nn.Module, path, cfg: TrainConfig, student: nn.Module,
+                 weights: str | None = None, # which weights of the run these are, 'ema' or 'raw' (None: 'ema' if cfg.ema)
+                ) -> nn.Module:
     "Save `model` (D1 folded if disentangled) as a plain state dict with arch/num_classes/options (path None: don't); returns the plain model."
     plain = (fold(model) if isinstance(model, Disentangled) else copy.deepcopy(model)).eval()
     if path is None: return plain
+    weights = weights or ('ema' if cfg.ema else 'raw')
     atomic_save(dict(state_dict={k: v.detach().cpu() for k, v in plain.state_dict().items()}, arch=getattr(student, 'arch', cfg.arch),
                      num_classes=plain.classifier.out_features, options=dict(getattr(student, 'options', cfg.model_options)),
-                     method=cfg.method, update_rule=cfg.update_rule, ema=bool(cfg.ema), epochs=cfg.epochs, config=asdict(cfg)), path)
+                     method=cfg.method, update_rule=cfg.update_rule, ema=weights == 'ema', weights=weights, epochs=cfg.epochs,
+                     config=asdict(cfg)), path)
     return plain
 
 
 def _evaluate_start(run: Run, lp: _Loop, eval_net: nn.Module):
-    "Epoch 0: evaluate the starting model, one metrics line."
+    "Epoch 0: evaluate the starting model, one metrics line (the EMA still equals the raw model: evaluated once, copied to 'raw')."
     t0 = time.time()
-    lp.history.append(dict(epoch=0, step=0, lr=None, **evaluate_epoch(eval_net, lp.xe, lp.ye, run.cfg, lp.tracker),
-                           eval_model='ema' if run.ema is not None else 'raw', eval_time=time.time() - t0))
+    r = evaluate_epoch(eval_net, lp.xe, lp.ye, run.cfg, lp.tracker)
+    if run.ema is not None and r: r['raw'] = copy.deepcopy(r)
+    lp.history.append(dict(epoch=0, step=0, lr=None, **r, eval_model='ema' if run.ema is not None else 'raw', eval_time=time.time() - t0))
     if lp.dd.is_main: _write_metrics(lp.out, lp.history)
     if lp.progress: _print_row(lp.history[-1], run.cfg)
 
@@ -900,7 +956,11 @@ def fine_tune(cfg: TrainConfig | dict,          # the run's configuration (a dic
                 _end_epoch(run, method, lp, epoch, lr, eval_net)
             except NonFiniteLossError as e: raise _diverged(run, lp, e) from None   # names the checkpoint to continue from
         dd.finish(run.model, eval_net)                                 # plain BatchNorm again in the returned models
+        if run.ema is not None:                                        # the raw weights first: model_final.pt marks a finished run
+            write = dd.is_main and not (out / 'model_final_raw.pt').exists()
+            final_raw = export_model(run.model, out / 'model_final_raw.pt' if write else None, cfg, student, weights='raw')
+        else: final_raw = None
         write = dd.is_main and not (out / 'model_final.pt').exists()   # a finished run's file is never rewritten
         final = export_model(eval_net, out / 'model_final.pt' if write else None, cfg, student)
         dd.barrier()                                                   # every rank returns after rank 0 has written
-    return dict(model=final, net=run.model, ema=run.ema, teacher=run.teacher, history=lp.history, out_dir=out, config=cfg)
+    return dict(model=final, model_raw=final_raw, net=run.model, ema=run.ema, teacher=run.teacher, history=lp.history, out_dir=out, config=cfg)

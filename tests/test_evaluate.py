@@ -182,3 +182,18 @@ def test_tf32_is_off_during_evaluation_and_restored(resnet20, xy):
         r_on = evaluate(resnet20, x, y, n=2, autoattack=False, pgd_steps=1, progress=False, tf32=None)
     assert r['config']['tf32'] == dict(matmul=False, cudnn=False) and r['config']['tf32_requested'] is False
     assert r_on['config']['tf32'] == dict(matmul=True, cudnn=True) and r['aa_rescore'] is None
+
+
+def test_per_image_correctness_matches_the_percentages(resnet20, xy):
+    "per_image=True: one boolean per image and metric, in image order across batches; the numbers are unchanged by it."
+    x, y = xy
+    kw = dict(n=12, eps=1 / 255, batch_size=5, aa_version='custom', aa_attacks=['apgd-ce'], progress=False)   # small eps: some survive
+    r, rp = evaluate(resnet20, x, y, **kw), evaluate(resnet20, x, y, per_image=True, **kw)
+    assert 'correct' not in r and all(r[k] == rp[k] for k in ('Clean', 'PGD', 'AA', 'Avg'))
+    c = rp['correct']
+    assert [(v.dtype, v.shape) for v in c.values()] == [(torch.bool, (12,))] * 3
+    for k in ('Clean', 'PGD', 'AA'): assert 100 * c[k].sum().item() / 12 == rp[k], k   # the same count, the same formula
+    with torch.no_grad(): assert torch.equal(c['Clean'], resnet20.eval()(x[:12]).argmax(1) == y[:12])
+    assert not (c['AA'] & ~c['Clean']).any()                     # AutoAttack keeps a wrong clean prediction wrong
+    assert 0 < c['PGD'].sum() < c['Clean'].sum() or 0 < c['AA'].sum() < c['Clean'].sum(), c   # both values occur
+    assert evaluate(resnet20, x, y, n=4, autoattack=False, per_image=True, progress=False)['correct']['AA'] is None

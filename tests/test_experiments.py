@@ -1,6 +1,6 @@
 """The experiment notebooks (experiments/*.ipynb) run through papermill with smoke parameters on CPU, and the
 parameters they are given really take effect (unusual values are found in what they write)."""
-import ast, json, os
+import ast, json, math, os
 from dataclasses import fields
 from pathlib import Path
 import nbformat, pytest
@@ -72,13 +72,16 @@ def finetuned(tmp_path_factory, cifar10_test, resnet20):
 def test_finetune_writes_metrics_and_checkpoints(finetuned):
     out, nb = finetuned
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
-    for f in ('metrics.jsonl', 'config.json', 'ckpt_last.pt', 'model_final.pt', 'finetune.json'): assert (out/f).exists(), f
+    for f in ('metrics.jsonl', 'config.json', 'ckpt_last.pt', 'model_final.pt', 'model_final_raw.pt', 'finetune.json'): assert (out/f).exists(), f
     cfg = json.loads((out/'config.json').read_text())
     assert (cfg['seed'], cfg['alpha'], cfg['n_train'], cfg['method']) == (1234, 0.0123, 64, 'afd')   # injected values took effect
     rows = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in rows] == [0, 1] and rows[1]['step'] == 2              # 64 images / batch 32
     assert rows[1]['gap']['linf'] > 0 and 'd1_linf' in rows[1]['gap']
     assert 0 <= rows[1]['pgd_acc'] <= 1 and 0 <= rows[1]['clean_acc'] <= 1   # fractions (PGD <= clean is likely, not guaranteed)
+    assert rows[1]['eval_model'] == 'ema' and 0 <= rows[1]['raw']['pgd_acc'] <= 1 and 0 <= rows[1]['raw']['clean_acc'] <= 1
+    assert set(rows[1]['dis']) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc', 'z1_acc'}
+    assert all(math.isfinite(v) for v in rows[1]['dis'].values()) and 0 <= rows[1]['dis']['d2_acc'] <= 1
     summ = json.loads((out/'finetune.json').read_text())
     assert summ['config']['seed'] == 1234 and summ['device_name'].startswith('CPU')
     from afd_nb.models import build_model, load_checkpoint
@@ -94,6 +97,15 @@ def test_evaluate_notebook(finetuned):
     assert 0 <= ev['PGD'] <= 100 and 0 <= ev['Clean'] <= 100
     assert ev['AA'] <= ev['aa_subset']['Clean']     # AutoAttack attacks only the correctly classified images: by construction
     assert ev['Avg'] == (ev['Clean'] + ev['PGD'] + ev['AA']) / 3   # the notebook's own float64 expression, same order: exact
+    assert ev['weights'] == 'ema' and ev['raw']['weights'] == 'raw' and (ev['raw']['n'], ev['raw']['n_aa']) == (24, 6)
+    assert ev['raw']['Avg'] == (ev['raw']['Clean'] + ev['raw']['PGD'] + ev['raw']['AA']) / 3
+    import numpy as np
+    with np.load(out/'correct.npz') as z: c = {k: z[k] for k in z.files}
+    assert set(c) == {'Clean', 'PGD', 'AA', 'raw_Clean', 'raw_PGD', 'raw_AA'} and all(v.dtype == bool for v in c.values())
+    assert [len(c[k]) for k in ('Clean', 'PGD', 'AA', 'raw_Clean', 'raw_PGD', 'raw_AA')] == [24, 24, 6, 24, 24, 6]
+    for k in ('Clean', 'PGD', 'AA'):                               # the percentages are these counts: equal exactly
+        assert ev[k] == 100 * int(c[k].sum()) / len(c[k]) and ev['raw'][k] == 100 * int(c['raw_' + k].sum()) / len(c['raw_' + k]), k
+    assert not list(out.glob('.correct.npz.tmp*'))
 
 
 def test_feature_gap_notebook(finetuned):

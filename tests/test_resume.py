@@ -100,7 +100,8 @@ def _assert_equals_reference(a: Path, ref: Path):
     ca, cb = read_checkpoint(a / 'ckpt_last.pt'), read_checkpoint(ref / 'ckpt_last.pt')
     assert ca['step'] == cb['step'] == STEPS and ca['epoch'] == cb['epoch'] == 2
     for k in ('model', 'ema', 'optimizers', 'sums'): assert _same(ca[k], cb[k]), k
-    assert _same(*(torch.load(d / 'model_final.pt', weights_only=True)['state_dict'] for d in (a, ref)))
+    for name in ('model_final.pt', 'model_final_raw.pt'):                     # the EMA and the raw weights
+        assert _same(*(torch.load(d / name, weights_only=True)['state_dict'] for d in (a, ref))), name
     ma, mb = _metrics(a), _metrics(ref)
     assert [h['epoch'] for h in ma] == [1, 2] and ma == mb
     assert not list(a.glob('.*.tmp*')) and not (a / '.lock').exists()
@@ -157,6 +158,25 @@ def test_changed_config_is_refused_unless_fresh(tmp_path, cifar10_train, resnet2
     fine_tune(TrainConfig(**{**SMALL, 'device': 'auto', 'ckpt_every_steps': 2}, out_dir=str(out)), progress=False)  # runtime fields may differ
     r = fine_tune(TrainConfig(**{**SMALL, 'epochs': 2, 'lr': 0.01}, out_dir=str(out)), progress=False, fresh=True)
     assert [h['epoch'] for h in r['history']] == [0, 1, 2] and read_checkpoint(out / 'ckpt_last.pt')['step'] == 6
+
+
+def test_checkpoint_without_ema_is_refused_in_one_line(tmp_path, cifar10_train, resnet20):
+    "A run started before every method tracked an EMA (its checkpoint holds none) is not resumed as if it had one."
+    out = tmp_path / 'old'
+    fine_tune(TrainConfig(**{**SMALL, 'epochs': 2}, method='vaft', ema=False, out_dir=str(out)), progress=False)
+    ck = read_checkpoint(out / 'ckpt_last.pt')
+    assert ck['ema'] is None and ck['config']['ema'] is False and not (out / 'model_final_raw.pt').exists()
+    ck['config']['epochs'] = 3                                                # an unfinished run of the old kind
+    T.save_checkpoint({k: v for k, v in ck.items() if k not in ('path', 'digest')}, out)
+    (out / 'model_final.pt').unlink(); (out / 'ckpt_prev.pt').unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConfigChangedError) as e:
+        fine_tune(TrainConfig(**{**SMALL, 'epochs': 3}, method='vaft', out_dir=str(out)), progress=False)   # ema: the default, True
+    msg = str(e.value)
+    assert 'holds no weight EMA' in msg and 'ema=False' in msg and 'fresh=True' in msg and '\n' not in msg
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before          # nothing touched
+    r = fine_tune(TrainConfig(**{**SMALL, 'epochs': 3}, method='vaft', ema=False, out_dir=str(out)), progress=False)
+    assert [h['epoch'] for h in r['history']] == [0, 1, 2, 3] and 'raw' not in r['history'][-1] and r['model_raw'] is None
 
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path, cifar10_train, resnet20):

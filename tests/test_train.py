@@ -241,3 +241,66 @@ def test_teacher_of_other_arch_is_refused(tmp_path, resnet20, cifar10_train, cif
     resnet32 = obtain('ResNet-32 weights', lambda dl: load_pretrained('resnet32', download=dl))
     with pytest.raises(ValueError, match="differs from the student's backbone"):
         fine_tune(TrainConfig(**TINY, out_dir=str(tmp_path / 'x')), teacher=resnet32, progress=False)
+
+
+# ---------------------------------------------------------------- raw and EMA, and the disentangler's log
+@pytest.mark.parametrize('alpha', [0.05, 0.0])     # AFD and its ablation alpha = 0 both log `dis`
+def test_afd_logs_raw_and_the_disentangler(tmp_path, alpha, resnet20, cifar10_train, cifar10_test):  # fixtures: skip offline
+    out = tmp_path / 'run'
+    r = fine_tune(TrainConfig(**{**TINY, 'epochs': 2}, alpha=alpha, out_dir=str(out)), progress=False)
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [x['epoch'] for x in rows] == [0, 1, 2] and all(x['eval_model'] == 'ema' for x in rows)
+    assert {k: v for k, v in rows[0]['raw'].items()} == {k: rows[0][k] for k in rows[0]['raw']}   # epoch 0: EMA = raw model
+    for x in rows[1:]:
+        assert {'clean_acc', 'pgd_acc', 'gap'} <= set(x['raw']) and 'd1_linf' in x['raw']['gap']
+        d = x['dis']
+        assert set(d) == {'L_dis', 'L_sep', 'L_align', 'd1_dev', 'd2_dev', 'd2_acc', 'z1_acc'} and all(math.isfinite(v) for v in d.values())
+        assert (d['L_dis'], d['L_sep'], d['L_align']) == (x['losses']['dis'], x['losses']['sep'], x['losses']['align'])
+        assert -1 <= d['L_sep'] <= 1 and 0 <= min(d['d2_acc'], d['z1_acc']) <= max(d['d2_acc'], d['z1_acc']) <= 1
+        assert d['d1_dev'] > 0 and d['d2_dev'] >= 0
+        assert not any(k.startswith('_') for k in x['stats'])
+    eye = torch.eye(64, dtype=torch.float64)
+    assert rows[2]['dis']['d1_dev'] == (r['net'].D1.weight.detach().double() - eye).norm().item()   # raw weights, end of epoch
+    assert rows[2]['dis']['d2_dev'] == (r['net'].D2.weight.detach().double() - eye).norm().item()
+    assert rows[2]['clean_acc'] != rows[2]['raw']['clean_acc'] or rows[2]['gap']['linf'] != rows[2]['raw']['gap']['linf']
+
+
+def test_d2_accuracy_counts_images_where_d2_picks_the_confusing_label():
+    "AFD.losses counts argmax z2 == ỹ (and argmax z1 == ỹ) over the batch; epoch_log divides by the images of the epoch."
+    from types import SimpleNamespace
+    from afd_nb.disentangle import DisOut
+    z1 = torch.tensor([[5., 1., 0.], [0., 2., 3.], [1., 0., 4.]])          # labels 0, 2, 0: ỹ = 1, 1, 2; argmax z1 = ỹ on image 2 only
+    z2 = torch.tensor([[0., 9., 0.], [0., 9., 0.], [9., 0., 0.]])          # argmax 1, 1, 0: = ỹ on images 0 and 1
+    f = torch.randn(3, 4)
+    class Net(nn.Module):
+        def forward(self, x): return DisOut(z1, z2, f, f + 1, f)
+    class Teacher(nn.Module):
+        def features(self, x): return f
+    run = SimpleNamespace(model=Net(), teacher=Teacher(), stats={})
+    terms = METHODS['afd'].losses(run, torch.zeros(3), torch.zeros(3), torch.tensor([0, 2, 0]))
+    assert (run.stats['_d2_hits'].item(), run.stats['_z1_hits'].item()) == (2, 1) and set(terms) == {'ce', 'dis', 'sep', 'align'}
+    run.model = SimpleNamespace(D1=nn.Linear(4, 4, bias=False), D2=nn.Linear(4, 4, bias=False))
+    d = METHODS['afd'].epoch_log(run, dict(dis=3.0, sep=1.5, align=0.3, _d2_hits=5.0, _z1_hits=2.0), 3, 8)['dis']
+    assert d['z1_acc'] == 2 / 8
+    assert (d['L_dis'], d['L_sep'], d['L_align'], d['d2_acc']) == (3.0 / 3, 1.5 / 3, 0.3 / 3, 5 / 8)   # sums / steps, hits / images
+
+
+def test_one_pass_evaluation_of_two_models_equals_evaluating_each_alone(resnet20, cifar10_test):
+    "evaluate_epoch(ema, raw=raw): one pass over the images, yet each model's numbers are those it gets alone, bit for bit."
+    from afd_nb.train import evaluate_epoch
+    from afd_nb.gap import GapTracker
+    x, y = (t[:40] for t in cifar10_test.tensors())
+    other = copy.deepcopy(resnet20)
+    with torch.no_grad():
+        for p in other.layer3.parameters(): p.mul_(1.1)
+    other.train()                                                        # the raw model is in train mode in the loop
+    cfg = TrainConfig(eval_steps=3, eval_step_size=0.003, seed=7)
+    gap = lambda: GapTracker(x[:8], y[:8], steps=3, seed=7)
+    both = evaluate_epoch(resnet20, x, y, cfg, gap(), raw=other)
+    assert both['raw'] == evaluate_epoch(other, x, y, cfg, gap()) and other.training   # mode restored
+    assert {k: v for k, v in both.items() if k != 'raw'} == evaluate_epoch(resnet20, x, y, cfg, gap())
+    assert both['raw'] != {k: v for k, v in both.items() if k != 'raw'}             # two different models were evaluated
+    from afd_nb.attacks import accuracy, robust_accuracy                                 # the numbers of the earlier per-model code
+    g = torch.Generator().manual_seed(cfg.seed + 2024)
+    assert (both['clean_acc'], both['pgd_acc']) == (accuracy(resnet20, x, y),
+                                                    robust_accuracy(resnet20, x, y, eps=cfg.eps, step_size=0.003, steps=3, generator=g))
