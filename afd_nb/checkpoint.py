@@ -229,7 +229,8 @@ class RunLock:
         self.held = False
 
 # %% ../nbs/06b_checkpoint.ipynb #46727973
-RUN_FILES = ('ckpt_last.pt', 'ckpt_prev.pt', 'metrics.jsonl', 'config.json', 'model_final.pt', 'epoch_*.pt', 'ckpt_*.pt.corrupt',
+RUN_FILES = ('ckpt_last.pt', 'ckpt_prev.pt', 'metrics.jsonl', 'config.json', 'model_final.pt', 'model_final_raw.pt',
+             'epoch_*.pt', 'ckpt_*.pt.corrupt',
              'ckpt_*.pt.diverged')
 
 class RunDirError(ValueError):
