@@ -215,3 +215,12 @@ def test_atomic_writes_leave_old_file_on_crash(tmp_path, monkeypatch):
     assert [q.name for q in tmp_path.iterdir() if q.name.startswith('.')] == []
     atomic_write_text(tmp_path / 'm.jsonl', 'new\n')
     assert (tmp_path / 'm.jsonl').read_text() == 'new\n'
+
+
+def test_changed_training_attack_dtype_is_refused(tmp_path, cifar10_train, resnet20):
+    "The attack precision is a setting of the run: a resume with another train_attack_dtype is refused, naming it."
+    out = tmp_path / 'run'
+    fine_tune(TrainConfig(**SMALL, out_dir=str(out)), progress=False)
+    with pytest.raises(ConfigChangedError, match=r"train_attack_dtype: 'fp32' -> 'bf16'"):
+        fine_tune(TrainConfig(**SMALL, train_attack_dtype='bf16', out_dir=str(out)), progress=False)
+    assert json.loads((out / 'config.json').read_text())['train_attack_dtype'] == 'fp32'
