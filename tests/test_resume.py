@@ -3,7 +3,10 @@ metrics.jsonl is written, while model_final.pt is exported) and the same command
 weights, EMA, optimizer state, metrics and final model bit for bit. That holds by construction on one machine and
 build: deterministic=True, one thread, the same kernels, and every random draw a function of (seed, epoch, batch,
 step). Also: config changes are refused, writes are atomic, a corrupt checkpoint falls back to the previous one,
-a NaN loss stops the run naming step, term and the checkpoint to continue from."""
+a NaN loss stops the run naming step, term and the checkpoint to continue from.
+
+These runs keep the plain path (TrainConfig's defaults: channels_last=False, compile=False, train_attack_dtype='fp32'),
+whatever the demo and study configs choose: bit-identity is a property of one path on one machine."""
 import json, os, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest

@@ -1,4 +1,8 @@
-"""afd_nb.train: LR table, EMA, update rules (official / official_fused / joint), teacher, validation."""
+"""afd_nb.train: LR table, EMA, update rules (official / official_fused / joint), teacher, validation.
+
+The exactness checks (the update rules' lock-step comparisons, the loop against the hand-built epoch) use the plain
+fp32 path, TrainConfig's defaults (channels_last=False, compile=False, train_attack_dtype='fp32'), not the faster
+settings the demo and study configs may use."""
 import copy, json, math
 import pytest
 import torch
