@@ -20,11 +20,11 @@ def main():
                f"load average {[round(v, 1) for v in m['load_avg']]} at the end). PGD-10, the training attack (step 0.003; eps/4 at eps <= 2/255), "
                'random start shared by both dtypes; success = a correctly classified test image is misclassified after the attack '
                '(fp32 forward); paired over the images the model classifies correctly; McNemar exact two-sided p.', '',
-               '| model | eps | clean | n | success fp32 | success bf16 | only fp32 | only bf16 | bf16 − fp32 (± SE) | p | attack time bf16/fp32 |',
-               '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+               '| model | eps | clean | n | success fp32 | success bf16 | only fp32 | only bf16 | bf16 − fp32 (± SE) | p |',
+               '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
         for r in st['result']:
             md.append(f"| {r['model']} | {r['eps']} | {100 * r['clean']:.1f}% | {r['n']} | {100 * r['rate_a']:.1f}% | {100 * r['rate_b']:.1f}% | "
-                      f"{r['only_a']} | {r['only_b']} | {100 * r['diff']:+.1f} ± {100 * r['se']:.1f} pp | {r['p']:.2f} | {r['bf16_s'] / r['fp32_s']:.2f} |")
+                      f"{r['only_a']} | {r['only_b']} | {100 * r['diff']:+.1f} ± {100 * r['se']:.1f} pp | {r['p']:.2f} |")
             rows.append(dict(check='strength', model=r['model'], eps=r['eps'], n=r['n'], fp32=r['rate_a'], bf16=r['rate_b'],
                              only_fp32=r['only_a'], only_bf16=r['only_b'], diff=r['diff'], se=r['se'], p=r['p']))
     runs, pairs, metas = [], [], []
@@ -38,9 +38,9 @@ def main():
                'fp32 against bf16 training attack, same seed; clean accuracy on the first 1000 exact test images, fp32 PGD-20 '
                '(step 0.003, the same random starts for every model) on the first 500; McNemar per pair. '
                + '; '.join(f"`{m['command']}` (load {[round(v, 1) for v in m['load_avg']]})" for m in metas), '',
-               '| seed | method | attack | clean | PGD-20 | training CPU-wall s |', '|---:|---|---|---:|---:|---:|']
+               '| seed | method | attack | clean | PGD-20 |', '|---:|---|---|---:|---:|']
         for r in runs:
-            md.append(f"| {r['seed']} | {r['method']} | {r['attack']} | {100 * r['clean']:.1f}% | {100 * r['pgd20']:.1f}% | {r['train_s']:.0f} |")
+            md.append(f"| {r['seed']} | {r['method']} | {r['attack']} | {100 * r['clean']:.1f}% | {100 * r['pgd20']:.1f}% |")
     if pairs:
         md += ['', '| seed | method | clean: bf16 − fp32 (± SE), p | PGD-20: bf16 − fp32 (± SE), p |', '|---:|---|---:|---:|']
         for p in pairs:
