@@ -328,6 +328,8 @@ def levers(arch: str = 'resnet20',    # model (pretrained weights where they exi
            threads: int | None = 1,   # torch CPU threads
            names=tuple(LEVERS),       # the levers to measure (keys of LEVERS; 'fp32' is always included)
            run_steps: int = 128,      # a run's length, for the compile break-even
+           cases=LEVER_CASES,         # the training steps: (label, method, update rule)
+           attack_names=None,         # the levers of the attack-only rows (None: all of `names`; (): no attack rows)
            data_root: str | None = None, seed: int = 0,
           ) -> dict:
     "Each speed lever alone and together: CPU s/step, images/s and speed-up over fp32 for vAFT, AFD official and PGD-10."
@@ -339,24 +341,25 @@ def levers(arch: str = 'resnet20',    # model (pretrained weights where they exi
     x, y = next(iter(BatchLoader(ds, batch, shuffle=True, augment=True, seed=seed)))
     model = load_pretrained(arch, root=data_root) if arch in PRETRAINED else build_model(arch, 10)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    cases, refused = {}, {}
-    for case, meth, rule in LEVER_CASES:
+    steps, refused = {}, {}
+    for case, meth, rule in cases:
         for n in names:
             f = _lever_step(meth, rule, model, teacher, x, y, **LEVERS[n])
             if f is None: refused[(case, n)] = 'refused by TrainConfig'
-            else: cases[(case, n)] = f
-    for n in names: cases[('PGD-10 training attack', n)] = _lever_attack(model, x, y, **LEVERS[n])
-    first, cpu, wall = {}, {k: [] for k in cases}, {k: [] for k in cases}
-    for k, f in cases.items():                              # first calls: compilation, oneDNN primitive caches
+            else: steps[(case, n)] = f
+    att = names if attack_names is None else [n for n in names if n == 'fp32' or n in attack_names] if attack_names else []
+    for n in att: steps[('PGD-10 training attack', n)] = _lever_attack(model, x, y, **LEVERS[n])
+    first, cpu, wall = {}, {k: [] for k in steps}, {k: [] for k in steps}
+    for k, f in steps.items():                              # first calls: compilation, oneDNN primitive caches
         c0 = time.process_time(); f(); first[k] = time.process_time() - c0
     for r in range(repeats):
-        for k, f in cases.items():
+        for k, f in steps.items():
             c0, t0 = time.process_time(), time.perf_counter(); f()
             cpu[k].append(time.process_time() - c0); wall[k].append(time.perf_counter() - t0)
     hw['load_avg_end'] = [round(v, 2) for v in os.getloadavg()]
     settings = dict(arch=arch, batch=batch, repeats=repeats, threads=torch.get_num_threads(), run_steps=run_steps,
                     pgd_train=TRAIN_PGD, data=f'{ds.describe()}, augmented')
-    return dict(settings=settings, hardware=hw, rows=_lever_rows(cases, refused, first, cpu, wall, batch, run_steps),
+    return dict(settings=settings, hardware=hw, rows=_lever_rows(steps, refused, first, cpu, wall, batch, run_steps),
                 refused=[dict(case=c, lever=n, why=w) for (c, n), w in refused.items()])
 
 # %% ../nbs/11_bench.ipynb #175b3425
