@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .attacks import pgd
 from .distributed import global_mean
 from .losses import teacher_features
-from .train import Method, Run, register_method
+from .train import Method, Run, attack_dtype, register_method
 
 # %% auto #0
 __all__ = ['VAFT', 'rgkd_loss', 'RGKD', 'clean_feature_distance', 'noisy_input', 'replay_distance', 'ARREST', 'trades_attack',
@@ -121,7 +121,7 @@ class TRADES(Method):
 
     def attack(self, run, x, y):
         c = run.cfg
-        return trades_attack(run.model, x, c.eps, c.train_step_size, c.train_steps, run.gen, run.amp_dtype)
+        return trades_attack(run.model, x, c.eps, c.train_step_size, c.train_steps, run.gen, attack_dtype(run))
 
     def losses(self, run, x_in, x, y):
         "CE(f(x), y) and KL(p(x) ‖ p(x')), the KL from log-probabilities: finite gradients when p(x) underflows to 0."

@@ -13,11 +13,12 @@ from .models import ARCHS, PRETRAINED, build_model, load_pretrained
 from .attacks import pgd, accuracy, robust_accuracy, TRAIN_PGD, EVAL_PGD20
 from .disentangle import Disentangled
 from .evaluate import tf32_flags, use_tf32
-from .train import METHODS, ModelEMA, Run, TrainConfig
+from .train import ATTACK_DTYPES, METHODS, ModelEMA, Run, TrainConfig
 
 # %% auto #0
-__all__ = ['TRAIN_CASES', 'TORCHATTACKS', 'predicted_cost', 'hardware', 'PeakMemory', 'state_mib', 'bench', 'precision',
-           'format_table', 'main']
+__all__ = ['TRAIN_CASES', 'TORCHATTACKS', 'LEVERS', 'LEVER_CASES', 'predicted_cost', 'hardware', 'PeakMemory', 'state_mib',
+           'bench', 'precision', 'format_table', 'cpu_flags', 'levers', 'format_levers', 'overheads',
+           'format_overheads', 'write_levers', 'main']
 
 # %% ../nbs/11_bench.ipynb #f7741fc7
 def predicted_cost(method: str = 'vaft',    # 'vaft' or 'afd'
@@ -279,6 +280,213 @@ def format_table(res: dict) -> str:
               'the vAFT step; our PGD ≥ 1.00× the speed of torchattacks.PGD (same model, ε 8/255, step 0.007, 10 steps, random start).']
     return '\n'.join(lines)
 
+# %% ../nbs/11_bench.ipynb #0f1a7a94
+LEVERS = {'fp32': {}, 'channels_last': dict(channels_last=True), 'compile': dict(compile=True),
+          'bf16 attack': dict(attack='bf16'), 'channels_last + bf16 attack': dict(channels_last=True, attack='bf16'),
+          'all three': dict(channels_last=True, compile=True, attack='bf16')}
+LEVER_CASES = (('vAFT step', 'vaft', 'official'), ('AFD official step', 'afd', 'official'))
+
+
+def cpu_flags() -> list[str]:
+    "The CPU's vector/matrix flags that decide the speed of fp32 and bf16 kernels (avx2, fma, avx512*, amx*)."
+    try: flags = next(l for l in open('/proc/cpuinfo') if l.startswith('flags')).split(':', 1)[1].split()
+    except (OSError, StopIteration): return []
+    return sorted(f for f in flags if f in ('avx2', 'fma') or f.startswith(('avx512', 'amx')))
+
+
+def _lever_step(meth, rule, model, teacher, x, y, channels_last=False, compile=False, attack='fp32'):
+    "One `fine_tune` step with these levers, set up as `fine_tune` sets it up (a closure); None where TrainConfig refuses them."
+    cfg = TrainConfig(method=meth, update_rule=rule, arch=model.arch, batch_size=len(x), device='cpu', channels_last=channels_last,
+                      compile=compile, train_attack_dtype=attack).resolved()
+    try: cfg.validate()
+    except ValueError: return None
+    m = METHODS[meth]
+    net = Disentangled(copy.deepcopy(model)) if m.disentangle else copy.deepcopy(model)
+    if channels_last: net.to(memory_format=torch.channels_last); x = x.contiguous(memory_format=torch.channels_last)
+    run = Run(cfg, net, teacher if m.needs_teacher else None, m.optimizers(net, cfg), ModelEMA(net) if cfg.ema else None)
+    if compile: net.compile()
+    def step():
+        run.gen = torch.Generator().manual_seed(run.step)
+        m.step(run, x, y)
+        if run.ema is not None: run.ema.update(net)
+        run.step += 1
+    return step
+
+
+def _lever_attack(model, x, y, channels_last=False, compile=False, attack='fp32'):
+    "The PGD-10 training attack alone against a fixed copy of `model` with these levers (a closure)."
+    net = copy.deepcopy(model).eval()
+    if channels_last: net.to(memory_format=torch.channels_last); x = x.contiguous(memory_format=torch.channels_last)
+    if compile: net.compile()
+    dt = ATTACK_DTYPES[attack]
+    return lambda: pgd(net, x, y, generator=torch.Generator().manual_seed(0), amp_dtype=dt, **TRAIN_PGD)
+
+# %% ../nbs/11_bench.ipynb #5a039934
+def levers(arch: str = 'resnet20',    # model (pretrained weights where they exist)
+           batch: int = 128,          # images per batch
+           repeats: int = 3,          # timed interleaved rounds after the first (untimed for the ratios) call; the median is used
+           threads: int | None = 1,   # torch CPU threads
+           names=tuple(LEVERS),       # the levers to measure (keys of LEVERS; 'fp32' is always included)
+           run_steps: int = 128,      # a run's length, for the compile break-even
+           cases=LEVER_CASES,         # the training steps: (label, method, update rule)
+           attack_names=None,         # the levers of the attack-only rows (None: all of `names`; (): no attack rows)
+           data_root: str | None = None, seed: int = 0,
+          ) -> dict:
+    "Each speed lever alone and together: CPU s/step, images/s and speed-up over fp32 for vAFT, AFD official and PGD-10."
+    if threads: torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    names = ['fp32', *[n for n in names if n != 'fp32']]
+    hw = dict(hardware('cpu'), cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_flags())
+    ds = get_dataset('cifar10', 'train', flavour='exact', root=data_root)
+    x, y = next(iter(BatchLoader(ds, batch, shuffle=True, augment=True, seed=seed)))
+    model = load_pretrained(arch, root=data_root) if arch in PRETRAINED else build_model(arch, 10)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    steps, refused = {}, {}
+    for case, meth, rule in cases:
+        for n in names:
+            f = _lever_step(meth, rule, model, teacher, x, y, **LEVERS[n])
+            if f is None: refused[(case, n)] = 'refused by TrainConfig'
+            else: steps[(case, n)] = f
+    att = names if attack_names is None else [n for n in names if n == 'fp32' or n in attack_names] if attack_names else []
+    for n in att: steps[('PGD-10 training attack', n)] = _lever_attack(model, x, y, **LEVERS[n])
+    first, cpu, wall = {}, {k: [] for k in steps}, {k: [] for k in steps}
+    for k, f in steps.items():                              # first calls: compilation, oneDNN primitive caches
+        c0 = time.process_time(); f(); first[k] = time.process_time() - c0
+    for r in range(repeats):
+        for k, f in steps.items():
+            c0, t0 = time.process_time(), time.perf_counter(); f()
+            cpu[k].append(time.process_time() - c0); wall[k].append(time.perf_counter() - t0)
+    hw['load_avg_end'] = [round(v, 2) for v in os.getloadavg()]
+    settings = dict(arch=arch, batch=batch, repeats=repeats, threads=torch.get_num_threads(), run_steps=run_steps,
+                    pgd_train=TRAIN_PGD, data=f'{ds.describe()}, augmented')
+    return dict(settings=settings, hardware=hw, rows=_lever_rows(steps, refused, first, cpu, wall, batch, run_steps),
+                refused=[dict(case=c, lever=n, why=w) for (c, n), w in refused.items()])
+
+# %% ../nbs/11_bench.ipynb #175b3425
+def _lever_rows(cases, refused, first, cpu, wall, batch, run_steps) -> list[dict]:
+    "Per case and lever: medians, images/s, speed-up over fp32; for compiled levers the compile time and break-even."
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    rows = []
+    for (case, n) in cases:
+        s = med[(case, n)]
+        r = dict(case=case, lever=n, cpu_s=s, wall_s=statistics.median(wall[(case, n)]), images_per_s=batch / s,
+                 speedup=med[(case, 'fp32')] / s, first_call_s=first[(case, n)], cpu_times=cpu[(case, n)])
+        if LEVERS[n].get('compile'):
+            base = next(b for b, v in LEVERS.items() if v == {k: w for k, w in LEVERS[n].items() if k != 'compile'})
+            gain = med[(case, base)] - s if (case, base) in med else None      # seconds saved per step by compiling
+            r.update(compile_s=first[(case, n)] - s, compile_vs=base, gain_per_step_s=gain,
+                     break_even_steps=(first[(case, n)] - s) / gain if gain and gain > 0 else None,
+                     run_saving_s=run_steps * gain - (first[(case, n)] - s) if gain is not None else None)
+        rows.append(r)
+    return rows
+
+
+def format_levers(res: dict) -> str:
+    "Markdown: one row per lever, s/step (CPU) and speed-up for every case, then the compile costs, with the machine."
+    s, hw, rows = res['settings'], res['hardware'], res['rows']
+    every = [*rows, *res.get('refused', [])]
+    cases = list(dict.fromkeys(r['case'] for r in every))
+    by = {(r['case'], r['lever']): r for r in rows}
+    ref = {(d['case'], d['lever']) for d in res.get('refused', [])}
+    lines = [f"**{s['arch']}**, batch {s['batch']}, {hw['cpu']}, {s['threads']} thread(s); torch {hw['torch']}, "
+             f"`get_cpu_capability()` = {hw['cpu_capability']}; flags: {' '.join(hw['cpu_flags'])}; median of {s['repeats']} "
+             f"interleaved rounds (process CPU time); load average {hw.get('load_avg')} at start, {hw.get('load_avg_end')} at end.", '',
+             '| lever | ' + ' | '.join(f'{c}: s/step · images/s · speed-up' for c in cases) + ' |',
+             '|---|' + '---:|' * len(cases)]
+    for n in dict.fromkeys(r['lever'] for r in every):
+        cell = lambda c: ('refused by TrainConfig' if (c, n) in ref else '' if (c, n) not in by else
+                          f"{by[(c, n)]['cpu_s']:.2f} · {by[(c, n)]['images_per_s']:.1f} · {by[(c, n)]['speedup']:.2f}×")
+        lines.append(f'| {n} | ' + ' | '.join(cell(c) for c in cases) + ' |')
+    comp = [r for r in rows if 'compile_s' in r]
+    if comp:
+        lines += ['', f"| compiled case | compile time (s) | gain per step vs | break-even (steps) | saving over {s['run_steps']} steps (s) |",
+                  '|---|---:|---|---:|---:|']
+        for r in comp:
+            lines.append(f"| {r['case']}, {r['lever']} | {r['compile_s']:.0f} | {_f(r['gain_per_step_s'], '.3f')} s vs {r['compile_vs']} | "
+                         f"{_f(r['break_even_steps'], '.0f') or 'never'} | {_f(r['run_saving_s'], '.0f')} |")
+    return '\n'.join(lines)
+
+# %% ../nbs/11_bench.ipynb #fe2ab9bb
+def _timed(fn) -> tuple[float, float, object]:
+    "(wall s, CPU s of this process and of its finished children, result) of one call."
+    ru = lambda: resource.getrusage(resource.RUSAGE_CHILDREN)
+    c0, k0, t0 = time.process_time(), ru(), time.perf_counter()
+    out = fn()
+    k1 = ru()
+    return time.perf_counter() - t0, time.process_time() - c0 + (k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime), out
+
+
+def _papermill(tmp: Path, source: str) -> None:
+    "Execute a one-cell notebook with papermill in a fresh python3 kernel, as the sweep does."
+    import nbformat, papermill as pm
+    nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, tmp / 'in.ipynb')
+    pm.execute_notebook(str(tmp / 'in.ipynb'), str(tmp / 'out.ipynb'), kernel_name='python3', progress_bar=False,
+                        start_timeout=300, extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
+
+
+def overheads(n_train: int = 1000, n_eval: int = 100, epochs: int = 4, batch: int = 128, stages: int = 3, # the demo's sizes
+              data_root: str | None = None) -> list[dict]:
+    "Seconds per piece of a demo-sized run besides its training steps, each timed once, with how often a demo run does it."
+    import tempfile
+    from .checkpoint import save_checkpoint
+    from .gap import GapTracker
+    from .train import CKPT_FORMAT, evaluate_epoch
+    tmp, rows = Path(tempfile.mkdtemp(prefix='afd_overheads_')), []
+    def add(stage, per_run, fn, note=''):
+        w, c, out = _timed(fn); rows.append(dict(stage=stage, wall_s=w, cpu_s=c, per_run=per_run, run_wall_s=w * per_run, note=note)); return out
+    add('papermill: kernel start + a trivial cell', stages, lambda: _papermill(tmp, '1 + 1'), 'one fresh kernel per stage')
+    add('papermill: kernel start + `import afd_nb` (train, baselines, evaluate)', stages,
+        lambda: _papermill(tmp, 'import afd_nb.train, afd_nb.baselines, afd_nb.evaluate'), 'minus the row above = the imports')
+    tr = add('data: training + test subsets', 1, lambda: (get_dataset('cifar10', 'train', flavour='exact', n=n_train, root=data_root),
+                                                         get_dataset('cifar10', 'test', flavour='exact', n=max(n_eval, 1), root=data_root)))
+    loader = BatchLoader(tr[0], batch, shuffle=True, augment=True, seed=0)
+    add(f'data: one epoch of augmented batches ({n_train} images)', epochs, lambda: list(loader))
+    model = add('model: pretrained ResNet-20 weights', 1, lambda: load_pretrained('resnet20', root=data_root))
+    xe, ye = tr[1].tensors()
+    cfg = TrainConfig(n_eval=n_eval, eval_step_size=0.003, eval_steps=20, device='cpu')
+    tracker = GapTracker(xe[:n_eval], ye[:n_eval], eps=cfg.eps, step_size=cfg.eval_step_size, steps=cfg.eval_steps)
+    add(f'evaluation per epoch: clean + PGD-20 + feature gap on {n_eval} images', epochs + 1,
+        lambda: evaluate_epoch(model, xe[:n_eval], ye[:n_eval], cfg, tracker), 'before training and after every epoch')
+    net = Disentangled(copy.deepcopy(model)); ema = ModelEMA(net)
+    opts = METHODS['afd'].optimizers(net, TrainConfig())
+    for o in opts.values():
+        for g in o.param_groups:
+            for p in g['params']: o.state[p]['momentum_buffer'] = torch.zeros_like(p)
+    ck = dict(format=CKPT_FORMAT, model=net.state_dict(), ema=dict(module=ema.module.state_dict(), updates=1),
+              optimizers={k: o.state_dict() for k, o in opts.items()}, step=1)
+    add('checkpoint write (AFD: weights, EMA, 3 optimizers; fsync)', epochs, lambda: save_checkpoint(ck, tmp))
+    return rows
+
+# %% ../nbs/11_bench.ipynb #f311b562
+def format_overheads(rows: list[dict], step_s: float | None = None, steps: int = 32) -> str:
+    "Markdown table of `overheads`, with the training steps of a demo run for scale when `step_s` is given."
+    lines = ['| stage | wall s | CPU s | per demo run | wall s per run | |', '|---|---:|---:|---:|---:|---|']
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | ×{r['per_run']} | {r['run_wall_s']:.1f} | {r['note']} |")
+    if step_s is not None:
+        lines.append(f'| training steps (fp32, from `levers`) | {step_s:.2f} | {step_s:.2f} | ×{steps} | {step_s * steps:.1f} | |')
+    return '\n'.join(lines)
+
+# %% ../nbs/11_bench.ipynb #a12fde16
+def write_levers(res: dict, ov: list[dict] | None, out, cmd: str = '') -> str:
+    "Write OUT.md (both tables), OUT.csv (one row per case and lever, with the machine), OUT.json; return the Markdown."
+    import csv
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = next(r for r in res['rows'] if r['case'] == 'vAFT step' and r['lever'] == 'fp32')
+    md = (f'`{cmd}`\n\n' if cmd else '') + format_levers(res) + (f"\n\nOverheads of a demo run besides its steps:\n\n{format_overheads(ov, fp32['cpu_s'])}" if ov else '')
+    out.with_suffix('.md').write_text(md + '\n')
+    hw = res['hardware']
+    machine = dict(cpu=hw['cpu'], torch=hw['torch'], cpu_capability=hw['cpu_capability'], cpu_flags=' '.join(hw['cpu_flags']),
+                   threads=res['settings']['threads'], load_avg_start=hw.get('load_avg'), load_avg_end=hw.get('load_avg_end'))
+    keys = ['case', 'lever', 'cpu_s', 'wall_s', 'images_per_s', 'speedup', 'first_call_s', 'compile_s', 'break_even_steps', 'run_saving_s']
+    with open(out.with_suffix('.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, [*keys, *machine]); w.writeheader()
+        for r in res['rows']: w.writerow({**{k: r.get(k) for k in keys}, **machine})
+        for d in res.get('refused', []): w.writerow({'case': d['case'], 'lever': d['lever'], 'cpu_s': d['why'], **machine})
+    out.with_suffix('.json').write_text(json.dumps(dict(res, overheads=ov, command=cmd), indent=1, default=str))
+    return md
+
 # %% ../nbs/11_bench.ipynb #b252a145
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m afd_nb.bench', description='Throughput of AFD / vAFT training steps, PGD and evaluation.')
@@ -294,6 +502,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--flavour', default='exact', choices=('exact', 'jpeg', 'full'), help='CIFAR-10 flavour of the batch')
     p.add_argument('--random-init', action='store_true', help='random weights even where pretrained ones exist')
     p.add_argument('--data-root', default=None)
+    p.add_argument('--levers', action='store_true', help='instead: each speed lever (channels_last, compile, bf16 attack) alone and together, '
+                   'and the overheads of a demo run (OUT.md, OUT.csv, OUT.json)')
     p.add_argument('--out', default=None, help='also write OUT.md and OUT.json')
     return p
 
@@ -302,15 +512,20 @@ def main(argv: list[str] | None = None # command line arguments (default: sys.ar
         ) -> dict:
     "Command line entry point: run `bench`, print the table, optionally write Markdown and JSON."
     a = _parser().parse_args(argv)
+    cmd = ('python -m afd_nb.bench ' + ' '.join(sys.argv[1:] if argv is None else argv)).strip()
+    if a.levers:
+        res = levers(a.arch, a.batch, a.repeats, a.threads or 1, data_root=a.data_root)
+        ov = overheads(data_root=a.data_root)
+        print(write_levers(res, ov, a.out, cmd) if a.out else format_levers(res) + '\n\n' + format_overheads(ov))
+        return dict(res, overheads=ov)
     res = bench(a.arch, a.batch, a.device, a.repeats, a.warmup, a.amp, a.channels_last, a.threads, data_root=a.data_root,
                 tf32=a.tf32, flavour=a.flavour, pretrained=not a.random_init)
     table = format_table(res)
     print(table)
     if a.out:
         out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = 'python -m afd_nb.bench ' + ' '.join(sys.argv[1:] if argv is None else argv)
-        out.with_suffix('.md').write_text(f'`{cmd.strip()}`\n\n{table}\n')
-        out.with_suffix('.json').write_text(json.dumps(dict(res, command=cmd.strip()), indent=1))
+        out.with_suffix('.md').write_text(f'`{cmd}`\n\n{table}\n')
+        out.with_suffix('.json').write_text(json.dumps(dict(res, command=cmd), indent=1))
         print(f'wrote {out.with_suffix(".md")} and {out.with_suffix(".json")}')
     return res
 

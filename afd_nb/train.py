@@ -26,9 +26,9 @@ from .checkpoint import (CKPT_FORMAT, CorruptCheckpointError, NonFiniteCheckpoin
                          nonfinite_entries, read_checkpoint, save_checkpoint, set_aside)
 
 # %% auto #0
-__all__ = ['UPDATE_RULES', 'LR_SCHEDULES', 'METHODS', 'DATASETS', 'SAFE_CHANGES', 'LegacySGD', 'make_optimizers', 'apply_update',
-           'ema_decay', 'ModelEMA', 'lr_at_epoch', 'Run', 'total_loss', 'Method', 'register_method',
-           'NonFiniteLossError', 'NonFiniteWeightsError', 'AFD', 'TrainConfig', 'ConfigChangedError',
+__all__ = ['UPDATE_RULES', 'LR_SCHEDULES', 'ATTACK_DTYPES', 'METHODS', 'DATASETS', 'SAFE_CHANGES', 'LegacySGD', 'make_optimizers',
+           'apply_update', 'ema_decay', 'ModelEMA', 'lr_at_epoch', 'Run', 'total_loss', 'attack_dtype', 'Method',
+           'register_method', 'NonFiniteLossError', 'NonFiniteWeightsError', 'AFD', 'TrainConfig', 'ConfigChangedError',
            'FinishedRunError', 'config_diff', 'RunInterrupted', 'evaluate_epoch', 'export_model', 'fine_tune',
            'CKPT_FORMAT', 'CorruptCheckpointError', 'NonFiniteCheckpointError', 'RunDirError', 'RunLock',
            'RunLockedError', 'atomic_save', 'atomic_write_text', 'load_last_checkpoint', 'read_checkpoint',
@@ -190,6 +190,14 @@ def total_loss(terms: dict, weights: dict) -> torch.Tensor:
     "Σ_k w_k · terms[k] over the weighted terms."
     return sum(w * terms[k] for k, w in weights.items())
 
+# %% ../nbs/06_train.ipynb #52114fa4
+ATTACK_DTYPES = {'fp32': None, 'bf16': torch.bfloat16}   # TrainConfig.train_attack_dtype -> autocast dtype of the training attack
+
+
+def attack_dtype(run: Run) -> torch.dtype | None:
+    "Autocast dtype of the training attack: the step's under `amp`, else `cfg.train_attack_dtype`'s (None: fp32)."
+    return run.amp_dtype if run.amp_dtype is not None else ATTACK_DTYPES[getattr(run.cfg, 'train_attack_dtype', 'fp32')]
+
 # %% ../nbs/06_train.ipynb #1268ef10
 class Method:
     "A fine-tuning method plugged into `fine_tune`; subclass and override `losses` (and `attack`, `update`, ... as needed)."
@@ -210,7 +218,7 @@ class Method:
         "The training input: PGD against the current model (eval mode) with the config's training attack."
         c = run.cfg
         if c.train_steps == 0 or c.eps == 0: return x
-        return pgd(run.model, x, y, eps=c.eps, step_size=c.train_step_size, steps=c.train_steps, generator=run.gen, amp_dtype=run.amp_dtype)
+        return pgd(run.model, x, y, eps=c.eps, step_size=c.train_step_size, steps=c.train_steps, generator=run.gen, amp_dtype=attack_dtype(run))
 
     def losses(self, run: Run, x_in, x, y) -> dict[str, torch.Tensor]:
         "Unweighted loss terms of one batch (`x_in` the training input, `x` the clean batch); default: CE on `x_in`."
@@ -345,6 +353,7 @@ class TrainConfig:
     tf32: bool = False                 # CUDA: TF32 tensor cores for convolutions and matmuls (False: full fp32, the reference)
     channels_last: bool = False        # channels_last memory format for model and inputs
     compile: bool = False              # torch.compile the student's forward
+    train_attack_dtype: str = 'fp32'   # training attack's forward: 'fp32', or 'bf16' (autocast; the update and evaluation stay fp32)
     deterministic: bool = False        # deterministic algorithms (bit-exact resume on CPU)
     seed: int = 0
     out_dir: str = 'runs/finetune'     # metrics.jsonl, config.json, ckpt_last.pt, ckpt_prev.pt, model_final.pt
@@ -447,6 +456,7 @@ def _check_runtime(cfg: TrainConfig):
     "Device, precision and compilation, and the combinations the official rule cannot run."
     _device(cfg.device)
     if not isinstance(cfg.tf32, bool): _bad(cfg, 'tf32', 'must be True or False')
+    if cfg.train_attack_dtype not in ATTACK_DTYPES: _bad(cfg, 'train_attack_dtype', f'unknown; valid: {", ".join(ATTACK_DTYPES)}')
     official = cfg.update_rule == 'official' and METHODS[cfg.method].disentangle
     if cfg.amp and official:
         _bad(cfg, 'amp', "is not supported with update_rule='official': under autocast its second and third backward see bf16 "

@@ -3,7 +3,10 @@ metrics.jsonl is written, while model_final.pt is exported) and the same command
 weights, EMA, optimizer state, metrics and final model bit for bit. That holds by construction on one machine and
 build: deterministic=True, one thread, the same kernels, and every random draw a function of (seed, epoch, batch,
 step). Also: config changes are refused, writes are atomic, a corrupt checkpoint falls back to the previous one,
-a NaN loss stops the run naming step, term and the checkpoint to continue from."""
+a NaN loss stops the run naming step, term and the checkpoint to continue from.
+
+These runs keep the plain path (TrainConfig's defaults: channels_last=False, compile=False, train_attack_dtype='fp32'),
+whatever the demo and study configs choose: bit-identity is a property of one path on one machine."""
 import json, os, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest
@@ -235,3 +238,12 @@ def test_atomic_writes_leave_old_file_on_crash(tmp_path, monkeypatch):
     assert [q.name for q in tmp_path.iterdir() if q.name.startswith('.')] == []
     atomic_write_text(tmp_path / 'm.jsonl', 'new\n')
     assert (tmp_path / 'm.jsonl').read_text() == 'new\n'
+
+
+def test_changed_training_attack_dtype_is_refused(tmp_path, cifar10_train, resnet20):
+    "The attack precision is a setting of the run: a resume with another train_attack_dtype is refused, naming it."
+    out = tmp_path / 'run'
+    fine_tune(TrainConfig(**SMALL, out_dir=str(out)), progress=False)
+    with pytest.raises(ConfigChangedError, match=r"train_attack_dtype: 'fp32' -> 'bf16'"):
+        fine_tune(TrainConfig(**SMALL, train_attack_dtype='bf16', out_dir=str(out)), progress=False)
+    assert json.loads((out / 'config.json').read_text())['train_attack_dtype'] == 'fp32'

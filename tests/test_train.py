@@ -1,4 +1,8 @@
-"""afd_nb.train: LR table, EMA, update rules (official / official_fused / joint), teacher, validation."""
+"""afd_nb.train: LR table, EMA, update rules (official / official_fused / joint), teacher, validation.
+
+The exactness checks (the update rules' lock-step comparisons, the loop against the hand-built epoch) use the plain
+fp32 path, TrainConfig's defaults (channels_last=False, compile=False, train_attack_dtype='fp32'), not the faster
+settings the demo and study configs may use."""
 import copy, json, math
 import pytest
 import torch
@@ -210,7 +214,7 @@ def test_teacher_never_changes_and_export_loads(tmp_path, resnet20, cifar10_trai
     (dict(weight_decay=-1e-4), 'weight_decay'), (dict(train_steps=-1), 'train_steps'), (dict(n_train=0), 'n_train'),
     (dict(epochs=2.5), 'epochs'), (dict(n_gap=-1), 'n_gap'), (dict(arch='resnet18'), 'checkpoint'), (dict(checkpoint='/nonexistent.pt'), 'checkpoint'),
     (dict(device='cuda:3' if not torch.cuda.is_available() else 'tpu'), 'device'),
-    (dict(compile=True), 'compile'),
+    (dict(compile=True), 'compile'), (dict(train_attack_dtype='fp16'), 'train_attack_dtype'),
 ])
 def test_validate_names_the_bad_field(kw, field):
     with pytest.raises(ValueError) as e: TrainConfig(**kw).validate()
@@ -304,3 +308,22 @@ def test_one_pass_evaluation_of_two_models_equals_evaluating_each_alone(resnet20
     g = torch.Generator().manual_seed(cfg.seed + 2024)
     assert (both['clean_acc'], both['pgd_acc']) == (accuracy(resnet20, x, y),
                                                     robust_accuracy(resnet20, x, y, eps=cfg.eps, step_size=0.003, steps=3, generator=g))
+
+
+def test_bf16_training_attack_is_the_bf16_pgd_and_only_the_attack(cifar10_train, resnet20):
+    "train_attack_dtype='bf16' routes the training attack through bf16 autocast (also with the official rule); the step's losses stay fp32."
+    from afd_nb.attacks import pgd
+    from afd_nb.train import Run, attack_dtype
+    x, y = (t[:16] for t in cifar10_train.tensors())
+    for method, rule in (('vaft', 'official'), ('afd', 'official')):
+        cfg = TrainConfig(method=method, update_rule=rule, train_attack_dtype='bf16', device='cpu').resolved().validate()
+        net = copy.deepcopy(resnet20)
+        run = Run(cfg, net, gen=torch.Generator().manual_seed(3))
+        assert attack_dtype(run) is torch.bfloat16 and run.amp_dtype is None
+        got = METHODS[method].attack(run, x, y)
+        kw = dict(eps=cfg.eps, step_size=cfg.train_step_size, steps=cfg.train_steps)
+        want16 = pgd(net, x, y, generator=torch.Generator().manual_seed(3), amp_dtype=torch.bfloat16, **kw)
+        want32 = pgd(net, x, y, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got, want16) and not torch.equal(got, want32)            # the bf16 attack, not the fp32 one
+        assert got.dtype == torch.float32 and (got - x).abs().max() <= cfg.eps + 1e-6
+    assert attack_dtype(Run(TrainConfig(), net)) is None                              # the default: fp32
