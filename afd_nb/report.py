@@ -28,7 +28,7 @@ ARCH_NAMES = {'resnet18': 'ResNet-18', 'wrn34_10': 'WRN-34-10', 'resnet20': 'Res
               'resnet44': 'ResNet-44', 'resnet56': 'ResNet-56'}
 METRICS = ['Clean', 'PGD', 'AA', 'Avg']
 _SYM = {'alpha': 'α', 'beta': 'β', 'gamma': 'γ', 'eps': 'ε'}
-_NOT_LABEL = {'dataset', 'arch', 'method', 'seed', 'checkpoint', *RUNTIME_KEYS}
+_NOT_LABEL = {'dataset', 'arch', 'method', 'seed', 'checkpoint', 'autoattack', 'n_aa', 'aa_version', *RUNTIME_KEYS}  # evaluation-only keys name no setting
 
 def _flat(d:dict, prefix:str='') -> dict:
     out = {}
@@ -379,7 +379,7 @@ def plot_sensitivity(results:pd.DataFrame, # from `collect_results`
                      defaults:dict=None,   # the config defaults (centre of the one-at-a-time sweeps)
                      path=None,            # save a PNG here
                     ):
-    "Clean/PGD accuracy (mean ± sd over seeds) against α, β, γ where the sweep varies them; the figure or None."
+    "Clean/PGD accuracy against α, β, γ where the sweep varies them, over the seeds every value has; the figure or None."
     d = _done(results)
     d = d[d['method'].eq('afd')] if len(d) else d
     keys = [k for k in ('alpha', 'beta', 'gamma') if k in d and d[k].nunique() > 1]
@@ -390,11 +390,14 @@ def plot_sensitivity(results:pd.DataFrame, # from `collect_results`
         sub = d
         for o in ('alpha', 'beta', 'gamma'):
             if o != k and o in d: sub = sub[sub[o] == (defaults or {}).get(o, d[o].mode().iloc[0])]
+        common = set.intersection(*[set(g['seed']) for _, g in sub.groupby(k)]) if len(sub) else set()
+        sub = sub[sub['seed'].isin(common)]   # the seeds every value has: no mean of 3 seeds beside 1-seed points
         for metric, ls, mk in (('Clean', '-', 'o'), ('PGD', '--', 's')):
             g = sub.groupby(k)[metric]
             ax.errorbar(g.mean().index, g.mean().values, yerr=g.std(ddof=1).fillna(0).values, ls=ls, marker=mk,
                         color=color, capsize=3, label=f'{metric} accuracy')
         ax.set(xlabel=_SYM.get(k, k), ylabel='accuracy (%)'); ax.grid(alpha=.3)
+        ax.set_title(f"seed{'s' * (len(common) != 1)} {', '.join(map(_int, sorted(common)))}", fontsize=8)
     axs[0][0].legend(fontsize=8)
     n = int(d['n_test'].max()) if 'n_test' in d and d['n_test'].notna().any() else '?'
     fig.suptitle(f"AFD's sensitivity to its loss weights (one at a time), {ARCH_NAMES.get(d['arch'].iloc[0], d['arch'].iloc[0])}, "

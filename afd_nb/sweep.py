@@ -405,12 +405,15 @@ def resolve_device(device:str='auto'): # auto, cpu, cuda, cuda:N
     return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
 
 def device_name(device:str='auto') -> str:
-    "Human-readable name of the device a run uses, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU AMD EPYC (2 threads)'."
+    """Human-readable name of the device a run uses, e.g. 'NVIDIA H100 80GB HBM3 (torch 2.14.1)' or
+    'CPU AMD EPYC (2 threads, kernels AVX512, torch 2.14.1)': the CPU kernel family (`get_cpu_capability`, which
+    `ATEN_CPU_CAPABILITY` can change) and the PyTorch version decide the last digits of every result."""
     import torch
     d = resolve_device(device)
-    if d.type == 'cuda': return torch.cuda.get_device_name(d)
+    v = torch.__version__.split('+')[0]
+    if d.type == 'cuda': return f'{torch.cuda.get_device_name(d)} (torch {v})'
     n = torch.get_num_threads()
-    return f"CPU {_cpu_name()} ({n} thread{'s' if n > 1 else ''})"
+    return f"CPU {_cpu_name()} ({n} thread{'s' if n > 1 else ''}, kernels {torch.backends.cpu.get_cpu_capability()}, torch {v})"
 
 # %% ../nbs/10_sweep.ipynb #dcdfabdc
 def _execute(nb:Path, d:Path, params:dict, cfg:dict, log_output:bool):

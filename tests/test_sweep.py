@@ -555,3 +555,18 @@ def test_smoke_sweep_real_notebooks(tmp_path, cifar10_test, resnet20):
     assert all((sd/g/'finetune.ipynb').stat().st_mtime_ns == mt[g] for g in good)
     assert json.loads((sd/bad/'status.json').read_text())['attempts'] == 2
     print(f'smoke sweep: {time.time() - t:.0f} s')
+
+
+def test_sensitivity_panel_uses_the_seeds_every_value_has_and_labels_show_no_eval_keys(tmp_path):
+    "Defaults with 3 seeds beside a one-seed α: the panel draws seed 0 for both; autoattack/n_aa never enter a label."
+    sd = tmp_path/'runs'/'sens'
+    for a, seed, clean in [(0.05, 0, 50.0), (0.05, 1, 60.0), (0.05, 2, 70.0), (0.01, 0, 40.0)]:
+        p = dict(dataset='cifar10', arch='resnet18', method='afd', alpha=a, beta=0.25, gamma=25, seed=seed,
+                 autoattack=a == 0.05, n_aa=100 if a == 0.05 else 0)
+        _fake_run(sd, S.run_id(p), p, dict(Clean=clean, PGD=10.0, AA=None, Avg=0.0, n=100))
+    res = R.collect_results(sd)
+    fig = R.plot_sensitivity(res, dict(alpha=0.05, beta=0.25, gamma=25))
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_ydata()) == [40.0, 50.0]      # seed 0 only: not the 3-seed mean 60 beside it
+    assert ax.get_title() == 'seed 0'
+    assert sorted(set(res['label'])) == ['AFD', 'AFD (α=0.01)']
