@@ -28,7 +28,8 @@ echo "== 3/5 nbdev_test runs every library notebook"
 notebooks
 echo "== 4/5 pytest tests/"
 start=$SECONDS
-python -m pytest tests -q -rs --durations=15 "$@"
+# two pytest workers (pytest-xdist), one per core; PYTEST_WORKERS=0 runs them in this process
+python -m pytest tests -q -rs --durations=15 -n "${PYTEST_WORKERS:-2}" "$@"
 echo "   (pytest took $((SECONDS-start)) s)"
 
 # PyTorch chooses its CPU kernels by instruction set (AVX-512, AVX2, ...). 'default' forces the portable ones, which
@@ -40,15 +41,16 @@ NUMERIC_TESTS=(test_attacks test_gap test_disentangle test_losses test_models te
 echo "== 5/5 again with ATEN_CPU_CAPABILITY=default: the numerical notebooks and ${#NUMERIC_TESTS[@]} numerical test modules"
 export ATEN_CPU_CAPABILITY=default
 python -c "import torch; c = torch.backends.cpu.get_cpu_capability(); assert c == 'DEFAULT', c; print('   kernels:', c)"
-# Left out of this pass (they compare no kernel results, and they are the slowest): 10_sweep and 10b_report (planning,
-# running and reporting sweeps: their checks are on files, states and table layout), 14_plots (the palette) and
+# Left out of this pass, because they compare no kernel results: 00a_download (files, checksums, locks), 06a_run_folder
+# and 06b_checkpoint (folders, atomic writes, locks), 10_sweep and 10b_report (planning, running and reporting sweeps:
+# their checks are on files, states and table layout), 11_bench (timings and pass counts), 14_plots (the palette) and
 # 16_cpu_scale (reads committed results). Every other notebook runs again.
-notebooks --skip_file_re '^([_.]|10_sweep|10b_report|14_plots|16_cpu_scale)'
+notebooks --skip_file_re '^([_.]|00a_download|06a_run_folder|06b_checkpoint|10_sweep|10b_report|11_bench|14_plots|16_cpu_scale)'
 start=$SECONDS
 files=(); for m in "${NUMERIC_TESTS[@]}"; do
   [ -f "tests/$m.py" ] || { echo "FAIL: tests/$m.py is listed in NUMERIC_TESTS (tests/check.sh) but does not exist"; exit 1; }
   files+=("tests/$m.py")
 done
-python -m pytest "${files[@]}" -q -rs --durations=5 "$@"
+python -m pytest "${files[@]}" -q -rs --durations=5 -n "${PYTEST_WORKERS:-2}" "$@"
 echo "   (pytest took $((SECONDS-start)) s)"
 echo "== all checks passed in $(( (SECONDS-t_all) / 60 )) min"
