@@ -41,11 +41,12 @@ pages: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/make_pages.py
 
 # The CPU study past the collapse (configs/cpu-study-2.yaml, 34 runs, about 3 hours on 2 cores; stop and rerun to
-# resume), then its summary in results/cpu-study-2/ (report, CSVs, figures, provenance).
+# resume), then its summary in results/cpu-study/ (report, CSVs, figures, provenance; the first, 40-step study is kept
+# in results/cpu-study/40-step/).
 .PHONY: study
 study: $(STAMP)
 	$(BIN)/afd-sweep configs/cpu-study-2.yaml
-	$(BIN)/python tools/publish_results.py configs/cpu-study-2.yaml --runs runs/cpu-study-2 --out results/cpu-study-2
+	$(BIN)/python tools/publish_results.py configs/cpu-study-2.yaml --runs runs/cpu-study-2 --out results/cpu-study
 
 # GPU check (nbs/15_gpucheck.ipynb): one command for a short window on one GPU, no install step. On a bare GPU
 # machine carry data/cifar10_jpeg.npz (a copy, not a link) and .whl/ (from `make gpu-wheels`, run where pip works).

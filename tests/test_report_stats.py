@@ -177,8 +177,8 @@ def test_raw_columns_and_the_raw_table(tmp_path):
 
 
 def test_committed_csvs_still_give_claims():
-    "results/cpu-study's CSVs (no raw columns, no per-image data): seed-level verdicts, the gap claims not testable."
-    root = Path(__file__).resolve().parents[1]/'results'/'cpu-study'
+    "results/cpu-study/40-step's CSVs (no raw columns, no per-image data): seed-level verdicts, the gap claims not testable."
+    root = Path(__file__).resolve().parents[1]/'results'/'cpu-study'/'40-step'
     res, met = pd.read_csv(root/'results.csv'), pd.read_csv(root/'epochs.csv')
     cl = R.claims_table(res, met)
     assert len(cl) == 8 and (cl['setup'] == 'ResNet-20 / CIFAR-10').all()
