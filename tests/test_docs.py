@@ -32,6 +32,28 @@ def test_sidebar_lists_every_notebook_once():
     assert listed[0] == 'index.ipynb'
 
 
+MAIN_LINE_NOTEBOOKS, MAIN_LINE_CELLS, EXPORTED_CELL_LINES = 12, 40, 60   # the course a reader finishes; a cell fits a screen
+
+
+def _main_line() -> list[str]:
+    side = yaml.safe_load((NBS / 'sidebar.yml').read_text())['website']['sidebar']['contents']
+    return next(_sidebar_files(s['contents']) for s in side if isinstance(s, dict) and s.get('section') == 'Main line')
+
+
+def test_main_line_is_short_and_cells_fit_a_screen():
+    "At most 12 main-line notebooks of at most 40 cells each; every exported cell of every notebook at most 60 lines."
+    import json
+    main = _main_line()
+    assert 0 < len(main) <= MAIN_LINE_NOTEBOOKS, f'{len(main)} main-line notebooks; move machinery to the appendix'
+    long = {n: k for n in main if (k := len(json.loads((NBS / n).read_text())['cells'])) > MAIN_LINE_CELLS}
+    assert not long, f'main-line notebooks over {MAIN_LINE_CELLS} cells: {long}; split them or move asides to the appendix'
+    big = [f'{p.name} cell {i} ({n} lines)' for p in sorted(NBS.glob('*.ipynb'))
+           for i, c in enumerate(json.loads(p.read_text())['cells'])
+           if c['cell_type'] == 'code' and re.match(r'#\|\s*export', ''.join(c['source']))
+           and (n := len(''.join(c['source']).splitlines())) > EXPORTED_CELL_LINES]
+    assert not big, f'exported cells over {EXPORTED_CELL_LINES} lines: {big}'
+
+
 def test_quarto_publishes_committed_outputs():
     q = yaml.safe_load((NBS / '_quarto.yml').read_text())
     assert q['execute']['enabled'] is False, 'quarto must not execute the notebooks: the site shows the committed outputs'
