@@ -1,7 +1,8 @@
-"""`make pages` (tools/make_pages.py): the executed notebooks as offline HTML. The hiding rules and a collapsible `<details>` aside are checked on a small
-notebook; then the home page and two notebook pages are opened in headless Chromium, which must show their figures
-and tables, typeset maths (MathJax from the local copy, no raw `$$`) and none of the cells nbdev hides. Without
-Chromium (the Debian package `chromium`; .ci/run installs it) the browser test skips with the reason."""
+"""`make pages` (tools/make_pages.py): the executed notebooks as offline HTML. The hiding rules and a collapsible
+`<details>` aside are checked on small notebooks; then the home page and two notebook pages are opened in headless
+Chromium, which must show their figures and tables, typeset maths (MathJax from the local copy, no raw `$$`) and none
+of the cells nbdev hides. Without Chromium (the Debian package `chromium`; .ci/run installs it) the browser test skips
+with the reason."""
 import re, sys
 from pathlib import Path
 import nbformat
