@@ -14,8 +14,7 @@ from pyautoattack import AutoAttack
 from .attacks import pgd
 
 # %% auto #0
-__all__ = ['AA_STANDARD', 'AA_CUSTOM_DEFAULT', 'AA_MAX_DISAGREE', 'PAPER_DATASETS', 'METRICS', 'make_autoattack',
-           'autoattack_config', 'tf32_flags', 'use_tf32', 'aa_allowed', 'evaluate', 'paper_results', 'results_table']
+__all__ = ['AA_STANDARD', 'AA_CUSTOM_DEFAULT', 'AA_MAX_DISAGREE', 'PAPER_DATASETS', 'METRICS', 'make_autoattack', 'autoattack_config', 'aa_allowed', 'evaluate', 'paper_results', 'results_table', 'tf32_flags', 'use_tf32']
 
 # %% ../nbs/08_evaluate.ipynb #2b63b2da
 AA_STANDARD = ['apgd-ce', 'apgd-t', 'fab-t', 'square']  # the reference ensemble, in cascade order
@@ -82,20 +81,6 @@ def _fork_rng(device: torch.device):
     "Fork the global RNG of the CPU (and of `device` if it is a GPU)."
     devs = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
     return torch.random.fork_rng(devices=devs)
-
-# %% ../nbs/08_evaluate.ipynb #7ca5791f
-def tf32_flags() -> dict[str, bool]:
-    "The TF32 switches now in effect: cuBLAS matmuls and cuDNN convolutions (True = float32 may run as TF32)."
-    return dict(matmul=bool(torch.backends.cuda.matmul.allow_tf32), cudnn=bool(torch.backends.cudnn.allow_tf32))
-
-
-@contextlib.contextmanager
-def use_tf32(on: bool | None): # True / False: set both switches for the block; None: leave them as they are
-    "Set TF32 for cuBLAS matmuls and cuDNN convolutions inside the block, and restore both switches after it."
-    prev = tf32_flags()
-    if on is not None: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
-    try: yield
-    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev['matmul'], prev['cudnn']
 
 # %% ../nbs/08_evaluate.ipynb #898bd079
 AA_MAX_DISAGREE = 0.001   # tolerated share of AutoAttack verdicts that our re-score may contradict (see above)
@@ -260,3 +245,17 @@ def results_table(rows: list[dict], # `evaluate` results with 'dataset' and 'met
         for m in METRICS:
             if r.get(m) is not None: t.loc[k, (r['dataset'], m)] = float(r[m])
     return t.round(digits)
+
+# %% ../nbs/08c_eval_precision.ipynb #7ca5791f
+def tf32_flags() -> dict[str, bool]:
+    "The TF32 switches now in effect: cuBLAS matmuls and cuDNN convolutions (True = float32 may run as TF32)."
+    return dict(matmul=bool(torch.backends.cuda.matmul.allow_tf32), cudnn=bool(torch.backends.cudnn.allow_tf32))
+
+
+@contextlib.contextmanager
+def use_tf32(on: bool | None): # True / False: set both switches for the block; None: leave them as they are
+    "Set TF32 for cuBLAS matmuls and cuDNN convolutions inside the block, and restore both switches after it."
+    prev = tf32_flags()
+    if on is not None: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev['matmul'], prev['cudnn']

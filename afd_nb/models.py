@@ -12,10 +12,7 @@ import torch.nn.functional as F
 from .download import AKAMASTER_URL, REMOTES, DataNotFoundError, data_roots, obtain, verify
 
 # %% auto #0
-__all__ = ['POOLS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PRETRAINED', 'PRETRAINED_URL', 'FeatureNet', 'ResNet18',
-           'WideResNet', 'CifarResNet', 'build_model', 'CheckpointReadError', 'UnsafeCheckpointError', 'safe_load',
-           'convert_legacy_checkpoint', 'CheckpointMismatchError', 'load_checkpoint', 'pretrained_path',
-           'load_pretrained']
+__all__ = ['POOLS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PRETRAINED', 'PRETRAINED_URL', 'FeatureNet', 'ResNet18', 'WideResNet', 'CifarResNet', 'build_model', 'CheckpointMismatchError', 'load_checkpoint', 'pretrained_path', 'load_pretrained', 'CheckpointReadError', 'UnsafeCheckpointError', 'safe_load', 'convert_legacy_checkpoint']
 
 # %% ../nbs/01_models.ipynb #1f648312
 class FeatureNet(nn.Module):
@@ -230,73 +227,6 @@ def build_model(arch: str,           # one of ARCHS
     model.arch, model.num_classes, model.options = arch, num_classes, dict(options)
     return model
 
-# %% ../nbs/01_models.ipynb #6b27f107
-class CheckpointReadError(RuntimeError):
-    "A checkpoint file cannot be read: not a PyTorch file, truncated or corrupt."
-
-class UnsafeCheckpointError(CheckpointReadError):
-    "A checkpoint needs more than a weights-only load allows (unpickling it could run code); see `convert_legacy_checkpoint`."
-
-def _first_line(e: Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-def safe_load(path:str|Path, # a file written by torch.save
-             ):
-    "torch.load `path` onto the CPU weights-only (tensors, containers, numbers, strings); anything else is refused, never run."
-    p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f'checkpoint {p} does not exist')
-    with open(p, 'rb') as f: head = f.read(4)
-    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):     # torch.save writes a zip, or (legacy) a pickle
-        raise CheckpointReadError(f'{p} is not a PyTorch checkpoint: it starts with {head!r}, not with the zip or pickle '
-                                  'header that torch.save writes')
-    try: return torch.load(p, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r'GLOBAL ([\w.]+)', str(e))
-        if m is None: raise CheckpointReadError(f'cannot read checkpoint {p} (truncated or corrupt?): {_first_line(e)}') from None
-        raise UnsafeCheckpointError(
-            f'refusing to load {p}: it needs {m[1]}, which a weights-only load does not allow (unpickling it could run code '
-            f'from the file). If you trust the file, convert it once with afd_nb.models.convert_legacy_checkpoint('
-            f'{str(p)!r}, {str(p.with_suffix(".safe.pt"))!r}) and use the converted file.') from None
-    except Exception as e:
-        raise CheckpointReadError(f'cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {_first_line(e)}') from e
-
-# %% ../nbs/01_models.ipynb #c920121d
-_DROP = object()
-
-def _plain(obj, where: str, dropped: list):
-    "`obj` rebuilt from what a weights-only load accepts; other values become _DROP and are listed in `dropped`."
-    if isinstance(obj, torch.Tensor): return obj.detach().cpu()
-    if isinstance(obj, nn.Module): return _plain(obj.state_dict(), where, dropped)
-    if obj is None or type(obj) in (bool, int, float, str): return obj
-    if type(obj).__module__.split('.')[0] == 'numpy':                             # scalars and arrays
-        return obj.item() if getattr(obj, 'ndim', 1) == 0 else torch.as_tensor(obj)
-    for t in (bool, int, float, str):                                             # subclasses, e.g. an IntEnum: the value
-        if isinstance(obj, t): return t(obj)
-    if type(obj).__module__ == 'argparse' and type(obj).__name__ == 'Namespace': obj = vars(obj)
-    if isinstance(obj, dict):
-        out = {k: _plain(v, f'{where}.{k}' if where else str(k), dropped) for k, v in obj.items()}
-        return {k: v for k, v in out.items() if v is not _DROP}
-    if isinstance(obj, (list, tuple)):
-        out = [_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(obj)]
-        return type(obj)(v for v in out if v is not _DROP) if type(obj) in (list, tuple) else [v for v in out if v is not _DROP]
-    dropped.append(f'{where or "<root>"} ({type(obj).__module__}.{type(obj).__qualname__})')
-    return _DROP
-
-def convert_legacy_checkpoint(path:str|Path, # a checkpoint YOU trust that safe_load refuses
-                              out:str|Path, # where to write the converted file
-                             ) -> Path:
-    "Re-save a trusted legacy checkpoint as tensors and plain values that `safe_load` reads. It fully unpickles `path`: use only on files you trust."
-    obj = torch.load(Path(path), map_location='cpu', weights_only=False)    # runs the file's pickle code: the caller vouches for it
-    dropped = []
-    plain = _plain(obj, '', dropped)
-    if dropped: warnings.warn(f'convert_legacy_checkpoint: dropped {len(dropped)} value(s) that are not tensors or plain '
-                              f'data: {", ".join(dropped[:5])}', stacklevel=2)
-    out = Path(out); tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-    try:
-        torch.save(plain, tmp); safe_load(tmp); os.replace(tmp, out)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return out
-
 # %% ../nbs/01_models.ipynb #d75f308d
 class CheckpointMismatchError(ValueError):
     "A checkpoint does not fit the model (wrong architecture, number of classes or feature size)."
@@ -397,3 +327,70 @@ def load_pretrained(arch:str, # resnet20, resnet32, resnet44 or resnet56
                    ) -> FeatureNet:
     "The naturally trained CIFAR-10 `arch` (akamaster weights), strictly loaded, in eval mode."
     return load_checkpoint(build_model(arch, 10), pretrained_path(arch, root, download)).eval()
+
+# %% ../nbs/01a_safe_load.ipynb #6b27f107
+class CheckpointReadError(RuntimeError):
+    "A checkpoint file cannot be read: not a PyTorch file, truncated or corrupt."
+
+class UnsafeCheckpointError(CheckpointReadError):
+    "A checkpoint needs more than a weights-only load allows (unpickling it could run code); see `convert_legacy_checkpoint`."
+
+def _first_line(e: Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+def safe_load(path:str|Path, # a file written by torch.save
+             ):
+    "torch.load `path` onto the CPU weights-only (tensors, containers, numbers, strings); anything else is refused, never run."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f'checkpoint {p} does not exist')
+    with open(p, 'rb') as f: head = f.read(4)
+    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):     # torch.save writes a zip, or (legacy) a pickle
+        raise CheckpointReadError(f'{p} is not a PyTorch checkpoint: it starts with {head!r}, not with the zip or pickle '
+                                  'header that torch.save writes')
+    try: return torch.load(p, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if m is None: raise CheckpointReadError(f'cannot read checkpoint {p} (truncated or corrupt?): {_first_line(e)}') from None
+        raise UnsafeCheckpointError(
+            f'refusing to load {p}: it needs {m[1]}, which a weights-only load does not allow (unpickling it could run code '
+            f'from the file). If you trust the file, convert it once with afd_nb.models.convert_legacy_checkpoint('
+            f'{str(p)!r}, {str(p.with_suffix(".safe.pt"))!r}) and use the converted file.') from None
+    except Exception as e:
+        raise CheckpointReadError(f'cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {_first_line(e)}') from e
+
+# %% ../nbs/01a_safe_load.ipynb #c920121d
+_DROP = object()
+
+def _plain(obj, where: str, dropped: list):
+    "`obj` rebuilt from what a weights-only load accepts; other values become _DROP and are listed in `dropped`."
+    if isinstance(obj, torch.Tensor): return obj.detach().cpu()
+    if isinstance(obj, nn.Module): return _plain(obj.state_dict(), where, dropped)
+    if obj is None or type(obj) in (bool, int, float, str): return obj
+    if type(obj).__module__.split('.')[0] == 'numpy':                             # scalars and arrays
+        return obj.item() if getattr(obj, 'ndim', 1) == 0 else torch.as_tensor(obj)
+    for t in (bool, int, float, str):                                             # subclasses, e.g. an IntEnum: the value
+        if isinstance(obj, t): return t(obj)
+    if type(obj).__module__ == 'argparse' and type(obj).__name__ == 'Namespace': obj = vars(obj)
+    if isinstance(obj, dict):
+        out = {k: _plain(v, f'{where}.{k}' if where else str(k), dropped) for k, v in obj.items()}
+        return {k: v for k, v in out.items() if v is not _DROP}
+    if isinstance(obj, (list, tuple)):
+        out = [_plain(v, f'{where}[{i}]', dropped) for i, v in enumerate(obj)]
+        return type(obj)(v for v in out if v is not _DROP) if type(obj) in (list, tuple) else [v for v in out if v is not _DROP]
+    dropped.append(f'{where or "<root>"} ({type(obj).__module__}.{type(obj).__qualname__})')
+    return _DROP
+
+def convert_legacy_checkpoint(path:str|Path, # a checkpoint YOU trust that safe_load refuses
+                              out:str|Path, # where to write the converted file
+                             ) -> Path:
+    "Re-save a trusted legacy checkpoint as tensors and plain values that `safe_load` reads. It fully unpickles `path`: use only on files you trust."
+    obj = torch.load(Path(path), map_location='cpu', weights_only=False)    # runs the file's pickle code: the caller vouches for it
+    dropped = []
+    plain = _plain(obj, '', dropped)
+    if dropped: warnings.warn(f'convert_legacy_checkpoint: dropped {len(dropped)} value(s) that are not tensors or plain '
+                              f'data: {", ".join(dropped[:5])}', stacklevel=2)
+    out = Path(out); tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
+    try:
+        torch.save(plain, tmp); safe_load(tmp); os.replace(tmp, out)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return out

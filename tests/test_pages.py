@@ -1,7 +1,8 @@
-"""`make pages` (tools/make_pages.py): the executed notebooks as offline HTML. The hiding rules are checked on a small
-notebook; then the home page and two notebook pages are opened in headless Chromium, which must show their figures
-and tables, typeset maths (MathJax from the local copy, no raw `$$`) and none of the cells nbdev hides. Without
-Chromium (the Debian package `chromium`; .ci/run installs it) the browser test skips with the reason."""
+"""`make pages` (tools/make_pages.py): the executed notebooks as offline HTML. The hiding rules and a collapsible
+`<details>` aside are checked on small notebooks; then the home page and two notebook pages are opened in headless
+Chromium, which must show their figures and tables, typeset maths (MathJax from the local copy, no raw `$$`) and none
+of the cells nbdev hides. Without Chromium (the Debian package `chromium`; .ci/run installs it) the browser test skips
+with the reason."""
 import re, sys
 from pathlib import Path
 import nbformat
@@ -44,6 +45,23 @@ def test_hiding_follows_nbdev():
     outp = next(c for c in pg.cells if 'y = 2' in c.source)
     assert outp.metadata['tags'] == ['remove_output'] and outp.source == 'y = 2'
     assert len(nb.cells) == 8 and '#| hide' in nb.cells[2].source       # the input notebook is not modified
+
+
+def test_details_aside_keeps_its_body(tmp_path):
+    "A collapsible aside (raw `<details>` around markdown) renders with its summary and its markdown body inside it."
+    png = ROOT / 'results' / 'figures' / 'afd_schematic.png'
+    (tmp_path / 'f.png').write_bytes(png.read_bytes())
+    md = ('# T\n\nBefore.\n\n<details>\n<summary><b>Aside: rounding</b></summary>\n\nThe *body*, $u = 2^{-24}$,\n\n'
+          '$$|a-b|\\le d\\,u\\,M,$$\n\nand a [link](04_disentangler.ipynb).\n\n</details>\n\nAfter.\n\n'
+          '![md image](f.png) <img src="f.png" alt="html image">')
+    body, _ = P._exporter().from_notebook_node(P.page_notebook(_nb(nbformat.v4.new_markdown_cell(md))),
+                                               resources={'metadata': {'path': str(tmp_path), 'name': 't'}})
+    m = re.search(r'<details>\s*<summary><b>Aside: rounding</b></summary>(.*?)</details>(.*)', body, re.S)
+    assert m, 'the <details> block is missing or closed early'
+    inside, after = m[1], m[2]
+    assert '<em>body</em>' in inside and r'$$|a-b|\le d\,u\,M,$$' in inside and 'href="04_disentangler.html"' in inside
+    assert 'Before.' not in inside and 'After.' not in inside and 'After.' in after
+    assert len(re.findall(r'<img\b[^>]*\bsrc="data:image/png;base64,', after)) == 2   # images are still embedded
 
 
 def _expected(nb_path: Path) -> dict:

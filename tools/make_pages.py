@@ -14,7 +14,9 @@ hides from the docs:
   shows the signature and docstring of each public function or class it defines (as nbdev's `show_doc` does);
 * `#| echo: false` hides a cell's code and keeps its output, `#| output: false` the reverse, and `#| hide_line`
   lines and every `#|` directive line are removed from the code that is shown;
-* links to `x.ipynb` point to `x.html`, and images that markdown cells load from files are embedded.
+* links to `x.ipynb` point to `x.html`, and images that markdown cells load from files are embedded;
+* raw HTML in markdown passes through as written, so a collapsible `<details>` aside (a `<summary>` line, a blank
+  line, markdown, a blank line, `</details>`) keeps its markdown body inside it, as on GitHub and in quarto.
 
 The maths is typeset by MathJax 2, copied into `<out>/mathjax/` from the `jupyter-server-mathjax` package (a dev
 requirement), so a page needs no network; a page that would load anything from the network is an error. Each page
@@ -134,9 +136,32 @@ def mathjax_dir() -> Path:
 
 
 def _exporter():
+    import jinja2
     from nbconvert import HTMLExporter
+    from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
     from nbconvert.preprocessors import TagRemovePreprocessor
-    ex = HTMLExporter(template_name='lab', embed_images=True, exclude_input_prompt=True, exclude_output_prompt=True)
+
+    class Renderer(IPythonRenderer):
+        """nbconvert's renderer, except that raw HTML without an `<img>` passes through as written. With embed_images
+        nbconvert re-parses every raw HTML block to embed its images, which closes an open tag at the end of the block:
+        `<details><summary>..</summary>`, a blank line, markdown, `</details>` would lose its body."""
+        def block_html(self, html):
+            return super().block_html(html) if '<img' in html else super(IPythonRenderer, self).block_html(html)
+        def inline_html(self, html):
+            return super().inline_html(html) if '<img' in html else super(IPythonRenderer, self).inline_html(html)
+
+    class Exporter(HTMLExporter):
+        @jinja2.pass_context
+        def markdown2html(self, context, source):
+            "nbconvert's markdown filter with `Renderer`."
+            cell = context.get('cell', {})
+            path = context.get('resources', {}).get('metadata', {}).get('path', '')
+            renderer = Renderer(escape=False, attachments=cell.get('attachments', {}), embed_images=self.embed_images,
+                                path=path, anchor_link_text=self.anchor_link_text,
+                                exclude_anchor_links=self.exclude_anchor_links, **self.lexer_options)
+            return MarkdownWithMath(renderer=renderer).render(source)
+
+    ex = Exporter(template_name='lab', embed_images=True, exclude_input_prompt=True, exclude_output_prompt=True)
     ex.mathjax_url = MATHJAX_URL
     ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'},
                                                    remove_all_outputs_tags={'remove_output'}, enabled=True), enabled=True)
