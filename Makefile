@@ -40,7 +40,7 @@ notebooks: $(STAMP)
 pages: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/make_pages.py
 
-# The CPU study past the collapse (configs/cpu-study-2.yaml, 34 runs, about 3 hours on 2 cores; stop and rerun to
+# The CPU study past the collapse (configs/cpu-study-2.yaml, 34 runs, about 4.7 hours on 2 idle cores; stop and rerun to
 # resume), then its summary in results/cpu-study/ (report, CSVs, figures, provenance; the first, 40-step study is kept
 # in results/cpu-study/40-step/).
 .PHONY: study
