@@ -1,6 +1,6 @@
 """The documentation site and the repository's independence: nbdev/quarto configuration that publishes the committed
 outputs, a sidebar that lists every notebook, and nothing that points outside the repository."""
-import configparser, re, subprocess
+import configparser, json, re, subprocess
 from pathlib import Path
 import yaml
 
@@ -42,7 +42,6 @@ def _main_line() -> list[str]:
 
 def test_main_line_is_short_and_cells_fit_a_screen():
     "At most 12 main-line notebooks of at most 40 cells each; every exported cell of every notebook at most 60 lines."
-    import json
     main = _main_line()
     assert 0 < len(main) <= MAIN_LINE_NOTEBOOKS, f'{len(main)} main-line notebooks; move machinery to the appendix'
     long = {n: k for n in main if (k := len(json.loads((NBS / n).read_text())['cells'])) > MAIN_LINE_CELLS}
