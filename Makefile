@@ -46,7 +46,7 @@ pages: $(STAMP)
 .PHONY: study
 study: $(STAMP)
 	$(BIN)/afd-sweep configs/cpu-study-2.yaml
-	$(BIN)/python tools/publish_results.py configs/cpu-study-2.yaml --runs runs/cpu-study-2 --out results/cpu-study
+	$(BIN)/python tools/publish_results.py configs/cpu-study-2.yaml --runs runs/cpu-study-2 --out results/cpu-study --keep-runs
 
 # GPU check (nbs/15_gpucheck.ipynb): one command for a short window on one GPU, no install step. On a bare GPU
 # machine carry data/cifar10_jpeg.npz (a copy, not a link) and .whl/ (from `make gpu-wheels`, run where pip works).

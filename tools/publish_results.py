@@ -2,44 +2,103 @@
 and PNG figures, and a README.md with the command, hardware, CPU and wall time, git commit and unfinished runs.
 
     python tools/publish_results.py configs/cpu-study.yaml --runs runs/cpu-study --out results/cpu-study \\
-        --commit $(git rev-parse --short HEAD)
+        --commit $(git rev-parse --short HEAD) --keep-runs
+
+`--keep-runs` also copies every finished run's small files (settings, status, per-epoch metrics, final evaluation,
+per-image correctness; no weights, no executed notebooks) into `<out>/runs/`, with the runs folder's absolute path
+written as `--runs-as`, and lists the unfinished runs in `<out>/todo.txt`: a later session rebuilds the report from
+`<out>/runs/` alone, or finishes the study from there; the report is made from those files, so it covers the
+finished runs only. Anything below the line `NOTES_MARK` in an existing README.md
+is kept: hand-written notes survive a republish.
 """
-import argparse, json, shutil, subprocess
+import argparse, json, shutil, subprocess, tempfile
 from datetime import datetime
 from pathlib import Path
 from afd_nb.sweep import load_config, expand_runs
 from afd_nb.report import write_report, progress
+
+NOTES_MARK = '<!-- notes below this line are kept by tools/publish_results.py -->'
+KEEP_SUFFIXES, KEEP_MAX_BYTES = ('.json', '.jsonl', '.npz', '.csv'), 2**20
+
+def keep_runs(root:Path, out:Path, runs_as:str) -> list[str]:
+    "Copy the small files of every finished run in `root` to `out`/runs/<id>/; return the ids copied."
+    dest, done = out/'runs', []
+    kept = {p.parent.name for p in dest.glob('*/status.json')
+            if json.loads(p.read_text()).get('state') == 'done'} if dest.exists() else set()
+    for d in sorted(p.parent for p in root.glob('*/status.json')):
+        if json.loads((d/'status.json').read_text()).get('state') == 'done': done.append(d.name)
+    if missing := sorted(kept - set(done)):
+        raise SystemExit(f'{dest} holds finished runs that {root} lacks ({", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}): '
+                         f'copy them in first (cp -r {dest}/. {root}/) so that the report covers them, then publish again')
+    old = str(root.resolve())
+    for rid in done:
+        (dest/rid).mkdir(parents=True, exist_ok=True)
+        for f in sorted((root/rid).iterdir()):
+            if not f.is_file() or f.suffix not in KEEP_SUFFIXES or f.stat().st_size > KEEP_MAX_BYTES: continue
+            if f.suffix == '.npz': shutil.copy(f, dest/rid/f.name)
+            else: (dest/rid/f.name).write_text(f.read_text().replace(old, runs_as))
+    if (root/'sweep.json').exists(): shutil.copy(root/'sweep.json', dest/'sweep.json')
+    return done
+
+def finishing_lines(config:str, runs_as:str, out:str) -> list[str]:
+    "How to finish a partly finished study from the files that `keep_runs` committed."
+    return ['**Finishing the study.** `runs/` here holds every finished run\'s small files (settings, status, per-epoch '
+            'metrics, final evaluation, per-image correctness), without weights or executed notebooks; the report above '
+            'rebuilds from them alone (tested). `todo.txt` lists the runs not finished. To run them and rebuild the '
+            'report from all runs:', '', '```',
+            f'mkdir -p {runs_as} && cp -r {out}/runs/. {runs_as}/',
+            f"afd-sweep {config} $(sed 's/^/--only /' {out}/todo.txt)",
+            f'python tools/publish_results.py {config} --runs {runs_as} --out {out} --keep-runs', '```', '',
+            '(`--only` keeps the sweep from rerunning the finished runs, whose weights are not here; `--dry-run` shows '
+            'the selection first.)', '']
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('config'); ap.add_argument('--runs', required=True); ap.add_argument('--out', required=True)
     ap.add_argument('--commit', default=None, help='the commit the runs were made with (default: this checkout)')
     ap.add_argument('--runs-as', default=None, help='how README.md names the runs folder (default: --runs as given)')
+    ap.add_argument('--keep-runs', action='store_true', help="copy the finished runs' small files to <out>/runs/ and write <out>/todo.txt")
     a = ap.parse_args()
     cfg, root, out = load_config(a.config), Path(a.runs), Path(a.out)
+    runs_as = a.runs_as or a.runs
     runs = expand_runs(cfg)
-    report = write_report(root, cfg, runs)
     out.mkdir(parents=True, exist_ok=True)
-    for f in [report] + sorted(root.glob('*.csv')) + sorted(root.glob('*.png')): shutil.copy(f, out/f.name)
-    st = [json.loads(p.read_text()) for p in sorted(root.glob('*/status.json'))]
+    if a.keep_runs:   # the report is made from the kept files alone, so that it rebuilds from them exactly
+        keep_runs(root, out, runs_as)
+        src = Path(tempfile.mkdtemp())/'runs'; shutil.copytree(out/'runs', src)
+    else: src = root
+    report = write_report(src, cfg, runs)
+    for f in [report] + sorted(src.glob('*.csv')) + sorted(src.glob('*.png')): shutil.copy(f, out/f.name)
+    st = [json.loads(p.read_text()) for p in sorted(src.glob('*/status.json'))]
     done = [s for s in st if s.get('state') == 'done']
     starts = [datetime.fromisoformat(s['started']) for s in st if s.get('started')]
     ends = [datetime.fromisoformat(v['finished']) for s in st for v in s.get('stages', {}).values() if v.get('finished')]
     cpu = sum(v.get('cpu_s') or 0 for s in done for v in s['stages'].values())
     per = {k: sum(s['stages'].get(k, {}).get('cpu_s') or 0 for s in done) / max(len(done), 1) for k in ('finetune', 'evaluate')}
+    hw = sorted({s.get('hardware') or '?' for s in done}) or ['?']
     commit = a.commit or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    todo = progress(root, runs); todo = todo[todo.state != 'done']
+    todo = progress(src, runs); todo = todo[todo.state != 'done']
     lines = [f"# {cfg.get('name', root.name)}: committed results", '',
-             f'* command: `afd-sweep {a.config}` (runs in `{a.runs_as or a.runs}/`); this folder: `python tools/publish_results.py {a.config} --runs {a.runs_as or a.runs} --out {a.out}`',
+             f'* command: `afd-sweep {a.config}` (runs in `{runs_as}/`); this folder: `python tools/publish_results.py {a.config} --runs {runs_as} --out {a.out}'
+             + (' --keep-runs`' if a.keep_runs else '`'),
              f'* code: git commit `{commit}`',
-             f"* hardware: {done[0].get('hardware') if done else '?'}; each run on one thread (OMP_NUM_THREADS=1), two runs side by side",
+             f"* hardware: {'; '.join(hw)}; each run on one thread (OMP_NUM_THREADS=1), two runs side by side",
              f'* runs finished: {len(done)} of {len(runs)}; kernel CPU time of their stages: {cpu / 60:.0f} min'
              + (f" ({cpu / 60 / len(done):.1f} min per run: fine-tuning {per['finetune'] / 60:.1f}, evaluation {per['evaluate'] / 60:.1f})" if done else ''),
              (f'* wall time from the first start to the last finish: {(max(ends) - min(starts)).total_seconds() / 60:.0f} min'
               if starts and ends else '* wall time: -'),
              '* `report.md`: tables (mean ± sd over seeds), the verdict on each claim, per-epoch figures; CSVs: the same data', '']
-    if len(todo): lines += ['Not finished when collected (run the same command again to resume):', ''] + [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
-    (out/'README.md').write_text('\n'.join(lines))
-    print('\n'.join(lines))
+    if a.keep_runs:
+        (out/'todo.txt').write_text(''.join(f'{r}\n' for r in todo.run_id)) if len(todo) else (out/'todo.txt').unlink(missing_ok=True)
+    if len(todo):
+        lines += ['Not finished when collected (' + ('the runs in `todo.txt`; this folder keeps no weights, so finish them as '
+                  '*Finishing the study* below says' if a.keep_runs else 'run the same command again to resume') + '):', '']
+        lines += [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
+        if a.keep_runs: lines += finishing_lines(a.config, runs_as, a.out)
+    readme = out/'README.md'
+    notes = readme.read_text().split(NOTES_MARK, 1)[1] if readme.exists() and NOTES_MARK in readme.read_text() else None
+    text = '\n'.join(lines) + (f'\n{NOTES_MARK}{notes}' if notes is not None else '')
+    readme.write_text(text)
+    print(text)
 
 if __name__ == '__main__': main()
