@@ -21,10 +21,12 @@ def test_git_keeps_the_committed_runs_and_ignores_the_working_ones():
     assert ign('runs/cpu-study-2/x/eval.json') and ign('results/cpu-study/runs/x/ckpt_last.pt')
 
 
-def _run(root:Path, rid, state):
-    d = root/rid; d.mkdir(parents=True)
-    (d/'status.json').write_text(json.dumps({'id': rid, 'state': state, 'out_dir': str((root/rid).resolve())}))
-    (d/'params.json').write_text(json.dumps({'finetune': {'out_dir': str((root/rid).resolve())}}))
+def _run(root:Path, rid, state, made_in=None):
+    "A fake run folder; `made_in`: the runs folder it was made in, when it has been copied since."
+    d = root/rid; d.mkdir(parents=True); od = str(((made_in or root)/rid).resolve())
+    (d/'status.json').write_text(json.dumps({'id': rid, 'state': state, 'out_dir': od,
+                                             'stages': {'finetune': {'params': {'out_dir': od}}}}))
+    (d/'params.json').write_text(json.dumps({'finetune': {'out_dir': od}}))
     np.savez(d/'correct.npz', clean=np.ones(3, bool))
     (d/'ckpt_last.pt').write_bytes(b'weights'); (d/'finetune.ipynb').write_text('{}')
     (d/'big.json').write_text('x' * (P.KEEP_MAX_BYTES + 1))
@@ -41,12 +43,25 @@ def test_keep_runs_copies_small_files_of_finished_runs_with_relative_paths(tmp_p
     assert np.load(out/'runs'/'a-s0'/'correct.npz')['clean'].all()
 
 
+def test_keep_runs_rewrites_the_folder_a_copied_run_was_made_in(tmp_path):
+    root, out = tmp_path/'copy'/'s', tmp_path/'out'
+    _run(root, 'a-s0', 'done', made_in=tmp_path/'elsewhere'/'runs'/'s')
+    P.keep_runs(root, out, 'runs/s')
+    for f in (out/'runs'/'a-s0').glob('*.json'): assert str(tmp_path) not in f.read_text(), f.name
+    assert json.loads((out/'runs'/'a-s0'/'params.json').read_text())['finetune']['out_dir'] == 'runs/s/a-s0'
+
+
 def test_keep_runs_refuses_to_drop_committed_runs(tmp_path):
     "A republish from a runs folder that lacks a committed finished run would silently shrink the study."
     root, out = tmp_path/'runs', tmp_path/'out'
     _run(root, 'a-s0', 'done'); P.keep_runs(root, out, 'runs')
     shutil.rmtree(root/'a-s0'); _run(root, 'a-s1', 'done')
     with pytest.raises(SystemExit, match=r'holds finished runs that .* lacks \(a-s0\).*cp -r'): P.keep_runs(root, out, 'runs')
+
+
+def test_a_committed_study_has_runs_to_rebuild_from():
+    "The CPU study is committed with its runs (the first 12 runs of an earlier publish were lost for want of them)."
+    assert ROOT/'results'/'cpu-study'/'runs' in KEPT
 
 
 # float64 means and bootstrap summaries over at most ~1e4 numbers: a reordered sum moves them by at most n * eps

@@ -30,13 +30,17 @@ def keep_runs(root:Path, out:Path, runs_as:str) -> list[str]:
     if missing := sorted(kept - set(done)):
         raise SystemExit(f'{dest} holds finished runs that {root} lacks ({", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}): '
                          f'copy them in first (cp -r {dest}/. {root}/) so that the report covers them, then publish again')
-    old = str(root.resolve())
     for rid in done:
         (dest/rid).mkdir(parents=True, exist_ok=True)
+        st = json.loads((root/rid/'status.json').read_text())   # the folder the run was made in, if since moved
+        olds = {str(root.resolve())} | {str(Path(v['params']['out_dir']).parent) for v in st.get('stages', {}).values()
+                                        if (v.get('params') or {}).get('out_dir')}
         for f in sorted((root/rid).iterdir()):
             if not f.is_file() or f.suffix not in KEEP_SUFFIXES or f.stat().st_size > KEEP_MAX_BYTES: continue
-            if f.suffix == '.npz': shutil.copy(f, dest/rid/f.name)
-            else: (dest/rid/f.name).write_text(f.read_text().replace(old, runs_as))
+            if f.suffix == '.npz': shutil.copy(f, dest/rid/f.name); continue
+            text = f.read_text()
+            for old in sorted(olds, key=len, reverse=True): text = text.replace(old, runs_as)
+            (dest/rid/f.name).write_text(text)
     if (root/'sweep.json').exists(): shutil.copy(root/'sweep.json', dest/'sweep.json')
     return done
 
