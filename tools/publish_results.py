@@ -22,18 +22,18 @@ KEEP_SUFFIXES, KEEP_MAX_BYTES = ('.json', '.jsonl', '.npz', '.csv'), 2**20
 
 def keep_runs(root:Path, out:Path, runs_as:str) -> list[str]:
     "Copy the small files of every finished run in `root` to `out`/runs/<id>/; return the ids copied."
-    dest, done = out/'runs', []
-    kept = {p.parent.name for p in dest.glob('*/status.json')
-            if json.loads(p.read_text()).get('state') == 'done'} if dest.exists() else set()
-    for d in sorted(p.parent for p in root.glob('*/status.json')):
-        if json.loads((d/'status.json').read_text()).get('state') == 'done': done.append(d.name)
+    dest = out/'runs'
+    finished = lambda d: {p.parent.name: st for p in sorted(d.glob('*/status.json'))
+                          if (st := json.loads(p.read_text())).get('state') == 'done'}
+    kept, status = set(finished(dest)), finished(root)
+    done = list(status)
     if missing := sorted(kept - set(done)):
         raise SystemExit(f'{dest} holds finished runs that {root} lacks ({", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}): '
                          f'copy them in first (cp -r {dest}/. {root}/) so that the report covers them, then publish again')
     for rid in done:
         (dest/rid).mkdir(parents=True, exist_ok=True)
-        st = json.loads((root/rid/'status.json').read_text())   # the folder the run was made in, if since moved
-        olds = {str(root.resolve())} | {str(Path(v['params']['out_dir']).parent) for v in st.get('stages', {}).values()
+        olds = {str(root.resolve())} | {str(Path(v['params']['out_dir']).parent)   # the folder the run was made in, if since moved
+                                        for v in status[rid].get('stages', {}).values()
                                         if (v.get('params') or {}).get('out_dir')}
         for f in sorted((root/rid).iterdir()):
             if not f.is_file() or f.suffix not in KEEP_SUFFIXES or f.stat().st_size > KEEP_MAX_BYTES: continue
@@ -67,9 +67,10 @@ def main():
     runs_as = a.runs_as or a.runs
     runs = expand_runs(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory()
     if a.keep_runs:   # the report is made from the kept files alone, so that it rebuilds from them exactly
         keep_runs(root, out, runs_as)
-        src = Path(tempfile.mkdtemp())/'runs'; shutil.copytree(out/'runs', src)
+        src = Path(tmp.name)/'runs'; shutil.copytree(out/'runs', src)
     else: src = root
     report = write_report(src, cfg, runs)
     for f in [report] + sorted(src.glob('*.csv')) + sorted(src.glob('*.png')): shutil.copy(f, out/f.name)
@@ -100,9 +101,9 @@ def main():
         lines += [f'* `{r.run_id}`: {r.state}' for r in todo.itertuples()] + ['']
         if a.keep_runs: lines += finishing_lines(a.config, runs_as, a.out)
     readme = out/'README.md'
-    notes = readme.read_text().split(NOTES_MARK, 1)[1] if readme.exists() and NOTES_MARK in readme.read_text() else None
-    text = '\n'.join(lines) + (f'\n{NOTES_MARK}{notes}' if notes is not None else '')
-    readme.write_text(text)
+    old = readme.read_text() if readme.exists() else ''
+    text = '\n'.join(lines) + (f'\n{NOTES_MARK}{old.split(NOTES_MARK, 1)[1]}' if NOTES_MARK in old else '')
+    readme.write_text(text); tmp.cleanup()
     print(text)
 
 if __name__ == '__main__': main()
