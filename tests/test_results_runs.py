@@ -81,3 +81,12 @@ def test_the_committed_report_rebuilds_from_the_committed_runs(kept, tmp_path):
     todo = (out/'todo.txt').read_text().split() if (out/'todo.txt').exists() else []
     done = {p.parent.name for p in kept.glob('*/status.json')}
     assert not done & set(todo) and len(done) + len(todo) == len(expand_runs(cfg))
+
+
+def test_busy_minutes_leaves_out_the_pauses_between_sittings():
+    "Wall time is counted while at least one run is going: overlapping runs once, a pause between two sittings not at all."
+    def st(start, *ends): return dict(started=f'2026-01-01T{start}', stages={f's{i}': dict(finished=f'2026-01-01T{e}') for i, e in enumerate(ends)})
+    runs = [st('10:00:00', '10:20:00', '10:30:00'), st('10:10:00', '10:40:00'),   # one sitting, 10:00-10:40
+            st('13:00:00', '13:15:00'), dict(started='13:05:00', stages={}), {}]    # another, 13:00-13:15; unfinished runs add nothing
+    assert P.busy_minutes(runs) == pytest.approx((40 + 15, 195), abs=1e-9)
+    assert P.busy_minutes([]) == (0.0, 0.0)

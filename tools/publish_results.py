@@ -44,6 +44,18 @@ def keep_runs(root:Path, out:Path, runs_as:str) -> list[str]:
     if (root/'sweep.json').exists(): shutil.copy(root/'sweep.json', dest/'sweep.json')
     return done
 
+def busy_minutes(st:list[dict]) -> tuple[float, float]:
+    "Wall time (min) during which at least one run was going, and from the first start to the last finish."
+    spans = sorted((datetime.fromisoformat(s['started']), max(datetime.fromisoformat(v['finished']) for v in fin))
+                   for s in st if s.get('started') and (fin := [v for v in s.get('stages', {}).values() if v.get('finished')]))
+    if not spans: return 0.0, 0.0
+    busy, (a, b) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > b: busy += (b - a).total_seconds(); a, b = s, e
+        else: b = max(b, e)
+    busy += (b - a).total_seconds()
+    return busy / 60, (max(e for _, e in spans) - spans[0][0]).total_seconds() / 60
+
 def finishing_lines(config:str, runs_as:str, out:str) -> list[str]:
     "How to finish a partly finished study from the files that `keep_runs` committed."
     return ['**Finishing the study.** `runs/` here holds every finished run\'s small files (settings, status, per-epoch '
@@ -76,8 +88,7 @@ def main():
     for f in [report] + sorted(src.glob('*.csv')) + sorted(src.glob('*.png')): shutil.copy(f, out/f.name)
     st = [json.loads(p.read_text()) for p in sorted(src.glob('*/status.json'))]
     done = [s for s in st if s.get('state') == 'done']
-    starts = [datetime.fromisoformat(s['started']) for s in st if s.get('started')]
-    ends = [datetime.fromisoformat(v['finished']) for s in st for v in s.get('stages', {}).values() if v.get('finished')]
+    busy, span = busy_minutes(st)
     cpu = sum(v.get('cpu_s') or 0 for s in done for v in s['stages'].values())
     per = {k: sum(s['stages'].get(k, {}).get('cpu_s') or 0 for s in done) / max(len(done), 1) for k in ('finetune', 'evaluate')}
     hw = sorted({s.get('hardware') or '?' for s in done}) or ['?']
@@ -90,8 +101,9 @@ def main():
              f"* hardware: {'; '.join(hw)}; each run on one thread (OMP_NUM_THREADS=1), two runs side by side",
              f'* runs finished: {len(done)} of {len(runs)}; kernel CPU time of their stages: {cpu / 60:.0f} min'
              + (f" ({cpu / 60 / len(done):.1f} min per run: fine-tuning {per['finetune'] / 60:.1f}, evaluation {per['evaluate'] / 60:.1f})" if done else ''),
-             (f'* wall time from the first start to the last finish: {(max(ends) - min(starts)).total_seconds() / 60:.0f} min'
-              if starts and ends else '* wall time: -'),
+             (f'* wall time from the first start to the last finish: {span:.0f} min' if span and span - busy < 1 else
+              f'* wall time with at least one run going: {busy:.0f} min (from the first start to the last finish: {span:.0f} min, with pauses)'
+              if span else '* wall time: -'),
              '* `report.md`: tables (mean ± sd over seeds), the verdict on each claim, per-epoch figures; CSVs: the same data', '']
     if a.keep_runs:
         (out/'todo.txt').write_text(''.join(f'{r}\n' for r in todo.run_id)) if len(todo) else (out/'todo.txt').unlink(missing_ok=True)
