@@ -240,16 +240,18 @@ def _int(v) -> str:
     try: return str(int(v)) if float(v).is_integer() else str(v)
     except (TypeError, ValueError): return str(v)
 
-def _title(results:pd.DataFrame, what:str, where:str=None) -> str:
-    "What the curves show, and from which model, data, images and attack (from the runs' config.json)."
+def _title(results:pd.DataFrame, what:str, where:str=None, shown:pd.DataFrame=None) -> str:
+    "What the curves show, from which model, data, images and attack (the runs' config.json), over how many seeds (of `shown`)."
     ok = _done(results) if len(_done(results)) else results
     first = lambda k: ok[k].dropna().iloc[0] if k in ok and ok[k].notna().any() else '?'
     setups = ', '.join(f'{ARCH_NAMES.get(a, a)} on {DATASET_NAMES.get(d, d)}' for a, d in dict.fromkeys(zip(ok['arch'], ok['dataset'])))
-    eps, seeds = first('eps'), int(ok.groupby('label')['seed'].nunique().max()) if 'seed' in ok else 1
+    src = shown if shown is not None and len(shown) and 'seed' in shown else ok   # the curves drawn, else every setting
+    n = src.groupby('label')['seed'].nunique() if 'seed' in src and 'label' in src else pd.Series([1])
+    eps, lo, hi = first('eps'), int(n.min()), int(n.max())
     attack = f"PGD-{_int(first('eval_steps'))}" + (f' (ε = {eps * 255:.3g}/255)' if isinstance(eps, float) else '')
     return (f"{what}: {setups} ({first('flavour')} data, {_int(first('n_train'))} training images)\n"
             + (where or f"on {_int(first('n_eval'))} held-out test images, attack {attack}")
-            + (f'; mean ± sd over {seeds} seeds' if seeds > 1 else ''))
+            + ('' if hi < 2 else f'; mean ± sd over {hi} seeds' if lo == hi else f'; mean ± sd over {lo}–{hi} seeds, by setting'))
 
 # %% ../nbs/10b_report.ipynb #543ac390
 def _save_fig(fig, path):
@@ -277,7 +279,7 @@ def plot_curves(metrics:pd.DataFrame,     # from `collect_metrics`
         ax.set(xlabel='epoch (0 = starting model)', ylabel=t); ax.grid(alpha=.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].legend(fontsize=8)
-    fig.suptitle(_title(results, 'accuracy per epoch'), fontsize=9); fig.tight_layout()
+    fig.suptitle(_title(results, 'accuracy per epoch', shown=m), fontsize=9); fig.tight_layout()
     if path: _save_fig(fig, path)
     return fig
 
@@ -306,7 +308,7 @@ def plot_gap(metrics:pd.DataFrame,  # from `collect_metrics`
                ylabel='relative L∞ gap\n‖g(x) − g(x′)‖∞ / mean ‖g(x)‖∞' if rel else 'L∞ feature gap\n‖g(x) − g(x′)‖∞')
         ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].legend(fontsize=7)
-    fig.suptitle(_title(results, 'feature gap per epoch (paper Fig. 1a)'), fontsize=9); fig.tight_layout()
+    fig.suptitle(_title(results, 'feature gap per epoch (paper Fig. 1a)', shown=m), fontsize=9); fig.tight_layout()
     if path: _save_fig(fig, path)
     return fig
 
@@ -348,7 +350,7 @@ def plot_dis(metrics:pd.DataFrame,  # from `collect_metrics`
         ax.set(xlabel='epoch', ylabel=DIS_COLS[c]); ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axs.flat)[len(cols):]: ax.set_visible(False)
     axs.flat[0].legend(fontsize=7)
-    fig.suptitle(_title(results, 'the disentangler per epoch', 'losses and D2 accuracy: means over the epoch\'s training steps'), fontsize=9)
+    fig.suptitle(_title(results, 'the disentangler per epoch', 'losses and D2 accuracy: means over the epoch\'s training steps', m), fontsize=9)
     fig.tight_layout()
     if path: _save_fig(fig, path)
     return fig
@@ -370,7 +372,7 @@ def plot_raw_ema(metrics:pd.DataFrame,  # from `collect_metrics`
             _band(ax, m[m['label'] == lab], f'raw.{c}', st, ':', f'{lab}, raw weights', 100)
         ax.set(xlabel='epoch (0 = starting model)', ylabel=t); ax.grid(alpha=.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].legend(fontsize=8)
-    fig.suptitle(_title(results, f'{METHOD_NAMES.get(method, method)}: EMA and raw weights per epoch'), fontsize=9); fig.tight_layout()
+    fig.suptitle(_title(results, f'{METHOD_NAMES.get(method, method)}: EMA and raw weights per epoch', shown=m), fontsize=9); fig.tight_layout()
     if path: _save_fig(fig, path)
     return fig
 

@@ -205,6 +205,8 @@ def test_figure_titles_and_the_gap_labels(tmp_path):
     dis = R.plot_dis(met, res)
     assert len([a for a in dis.axes if a.get_visible()]) == 6 and [l.get_label() for l in dis.axes[0].lines] == ['AFD']
     assert list(dis.axes[0].lines[0].get_ydata()) == [1.0, 0.5]          # epochs 1, 2 (epoch 0 has no training step)
+    assert title.endswith('mean ± sd over 1–2 seeds, by setting')        # vAFT with one seed, AFD with two
+    assert dis._suptitle.get_text().endswith('mean ± sd over 2 seeds')   # the seeds of the curves drawn: AFD's only
     assert R.plot_raw_ema(met, res) is None                               # no raw.* columns
     text = R.write_report(sd).read_text()
     assert '![the disentangler per epoch](disentangler.png)' in text and 'raw_ema.png' not in text

@@ -473,7 +473,7 @@ def test_report_figures_use_method_colours_and_seed_bands(tmp_path):
     assert [l.get_label() for l in ax.lines] == ['vAFT', 'ARREST', 'AFD']
     assert [to_rgb(l.get_color()) for l in ax.lines] == [to_rgb(METHOD_COLORS[k]) for k in ('vaft', 'arrest', 'afd')]
     assert len(ax.collections) == 1                              # a band only for vAFT, the setting with 2 seeds
-    assert 'mean ± sd over 2 seeds' in fig._suptitle.get_text() and 'ResNet-20' in fig._suptitle.get_text()
+    assert 'mean ± sd over 1–2 seeds, by setting' in fig._suptitle.get_text() and 'ResNet-20' in fig._suptitle.get_text()
     gap = R.plot_gap(met, res)
     assert all(l.get_linestyle() == '-' for l in gap.axes[0].lines)   # no D1 here: backbone g(x) only, solid
 
