@@ -40,7 +40,7 @@ notebooks: $(STAMP)
 pages: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/make_pages.py
 
-# The CPU study past the collapse (configs/cpu-study-2.yaml, 34 runs, about 4 hours on 2 idle cores, 4.7 on a slower
+# The CPU study past the collapse (configs/cpu-study-2.yaml, 34 runs, about 4 hours on 2 cores: 3.9 measured, 4.9 on a slower
 # CPU; stop and rerun to resume), then its summary in results/cpu-study/ (report, CSVs, figures, provenance, the
 # finished runs' small files; the first, 40-step study is kept in results/cpu-study/40-step/).
 .PHONY: study
